@@ -1,0 +1,1 @@
+"""Shipped rule presets (YAML files), loadable by bare name."""

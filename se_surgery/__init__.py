@@ -1,0 +1,27 @@
+"""se-surgery: add Squeeze-and-Excitation to existing networks by fx graph surgery.
+
+Example:
+    >>> import torchvision, se_surgery
+    >>> model = se_surgery.apply(torchvision.models.resnet18(), "late_stages")
+    >>> len(se_surgery.se_parameters(model)) > 0
+    True
+"""
+
+from .errors import (AlreadyPatchedError, CheckpointError, MissingFileError, ModelTypeError, NotPatchedError,
+                     PlanError, RuleError, SESurgeryError, SESurgeryWarning, TraceError)
+from .finetune import load_se, mark_only_se_trainable, param_groups, save_se, se_parameters, strip
+from .insert import apply
+from .plan import Plan, PlannedSite, is_patched, plan
+from .report import Report, report
+from .rules import Rule, Rules, Selector, SEOptions, load_rules, preset_names
+from .se import SqueezeExcite
+from .sites import Site, find_sites
+
+__version__ = "0.1.0"
+__all__ = [
+    "find_sites", "plan", "apply", "report", "load_rules", "preset_names",
+    "se_parameters", "mark_only_se_trainable", "param_groups", "save_se", "load_se", "strip", "is_patched",
+    "Site", "Plan", "Report", "PlannedSite", "Rules", "Rule", "Selector", "SEOptions", "SqueezeExcite",
+    "SESurgeryError", "RuleError", "PlanError", "TraceError", "AlreadyPatchedError", "NotPatchedError",
+    "ModelTypeError", "CheckpointError", "MissingFileError", "SESurgeryWarning", "__version__",
+]

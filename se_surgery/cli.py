@@ -1,0 +1,284 @@
+"""Command line: ``se-surgery sites|plan|report|check``.
+
+Only this module looks models up by name. Every expected failure (bad model name,
+missing file, invalid rules) prints one line to stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from torch import nn
+
+from .errors import MissingFileError, SESurgeryError, UnknownModelError
+
+__all__ = ["main", "build_model", "load_weights"]
+
+
+def _tv_names() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm_names() -> list[str]:
+    try:
+        import timm
+    except ImportError:
+        return []
+    return list(timm.list_models())
+
+
+def build_model(spec: str) -> nn.Module:
+    """Build a model by name without weights: ``resnet50``, ``tv:resnet50``, ``timm:convnext_tiny``.
+
+    A bare name tries torchvision first, then timm.
+
+    Example:
+        >>> type(build_model("tv:resnet18")).__name__
+        'ResNet'
+    """
+    source, _, name = spec.partition(":") if ":" in spec else ("", "", spec)
+    if source not in ("", "tv", "timm"):
+        raise UnknownModelError(f"unknown model source {source!r} in {spec!r}; use tv:NAME or timm:NAME")
+    if source in ("", "tv"):
+        import torchvision
+
+        if name in _tv_names():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # inception/googlenet init notices
+                return torchvision.models.get_model(name, weights=None)
+    if source in ("", "timm"):
+        try:
+            import timm
+        except ImportError:
+            timm = None
+        if timm is not None and name in timm.list_models():
+            return timm.create_model(name, pretrained=False)
+        if timm is None and source == "timm":
+            raise UnknownModelError("timm is not installed; pip install 'se-surgery[timm]'")
+    pool = (_tv_names() if source != "timm" else []) + (_timm_names() if source != "tv" else [])
+    close = difflib.get_close_matches(name, list(dict.fromkeys(pool)), n=5, cutoff=0.6)
+    where = {"tv": "torchvision", "timm": "timm", "": "torchvision or timm"}[source]
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise UnknownModelError(f"unknown model {name!r} in {where}{hint}")
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a local checkpoint: safetensors, or a ``torch.load`` file with ``weights_only=True``."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise MissingFileError(f"weights file {path!r} not found")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+        model.load_state_dict(state)
+    except SESurgeryError:
+        raise
+    except Exception as e:
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"cannot load weights from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _model(args) -> nn.Module:
+    model = build_model(args.model)
+    if getattr(args, "weights", None):
+        load_weights(model, args.weights)
+    return model
+
+
+def _cmd_sites(args) -> int:
+    from tabulate import tabulate
+
+    from .sites import discover
+
+    model = _model(args)
+    d = discover(model, args.input_size)
+    if args.format == "json":
+        print(json.dumps({"model": args.model, "input_size": list(d.input_size),
+                          "sites": [s.to_dict() for s in d.sites],
+                          "untraced": [{"module": p, "reason": r} for p, r in d.untraced],
+                          "not_sites": [{"join": j, "reason": r} for j, r in d.rejected]}, indent=2))
+        return 0
+    rows = [[s.name, s.kind, s.stage, s.block, s.channels, f"{s.spatial[0]}x{s.spatial[1]}",
+             "NCHW" if s.channel_dim == 1 else "NHWC", "yes" if s.has_attention else "", s.owner_type]
+            for s in d.sites]
+    print(f"{args.model} at {'x'.join(map(str, d.input_size))}: {len(d.sites)} sites")
+    if rows:
+        print(tabulate(rows, headers=["site", "kind", "stage", "block", "channels", "spatial", "layout",
+                                      "has attention", "owner type"], disable_numparse=True))
+    else:
+        print("no residual or concat joins: SE has nowhere to go in this model")
+    for p, r in d.untraced:
+        print(f"not traced: {p}: {r}")
+    if args.verbose:
+        for j, r in d.rejected:
+            print(f"not a site: {j}: {r}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from .plan import plan
+
+    model = _model(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p = plan(model, args.rules, input_size=args.input_size, strict=args.strict)
+    del caught  # the plan lists its own warnings
+    print(json.dumps(p.to_dict(), indent=2) if args.format == "json" else p)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import report
+
+    model = _model(args)
+    rules_list = args.rules or ["all_stages"]
+    reports = []
+    for r in rules_list:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reports.append(report(model, r, input_size=args.input_size))
+    if len(reports) == 1:
+        print(reports[0].render(args.format))
+    else:
+        print(_compare(reports, args.format))
+    if args.plot:
+        _plot(reports, args.plot)
+    return 0
+
+
+def _compare(reports, fmt: str) -> str:
+    rows = [{"rules": r.rules, "SE sites": len(r.sites), "added params": r.added_params,
+             "params %": round(r.added_params_pct, 2), "added MACs": r.added_macs,
+             "MACs %": round(r.added_macs_pct, 2)} for r in reports]
+    if fmt == "json":
+        return json.dumps([r.to_dict() for r in reports], indent=2)
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue()
+    from tabulate import tabulate
+
+    from .report import FOOTER
+
+    first = reports[0]
+    head = f"{first.model} at {'x'.join(map(str, first.input_size))}: base {first.base_params:,} params, " \
+           f"{first.base_macs:,} MACs"
+    for r in rows:
+        r["added params"], r["added MACs"] = f"{r['added params']:,}", f"{r['added MACs']:,}"
+    table = tabulate(rows, headers="keys", tablefmt="github" if fmt == "markdown" else "simple", disable_numparse=True)
+    return f"{head}\n\n{table}\n\n{FOOTER}"
+
+
+def _plot(reports, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SESurgeryError("--plot needs matplotlib: pip install 'se-surgery[plot]'") from None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(reports)
+    for i, r in enumerate(reports):
+        st = r.stages()
+        xs = [s["stage"] + i * width for s in st]
+        axes[0].bar(xs, [s["params"] / 1e6 for s in st], width, label=r.rules)
+        axes[1].bar(xs, [s["macs"] / 1e6 for s in st], width, label=r.rules)
+    axes[0].set(title="added parameters per stage", xlabel="stage", ylabel="M params")
+    axes[1].set(title="added MACs per stage", xlabel="stage", ylabel="M MACs")
+    axes[0].legend()
+    fig.suptitle(f"{reports[0].model}: what SE adds")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot written to {path}", file=sys.stderr)
+
+
+def _cmd_check(args) -> int:
+    from .rules import load_rules
+
+    r = load_rules(args.rules)
+    print(f"{r.source}: valid, {len(r.rules)} rule(s); defaults: "
+          + ", ".join(f"{k}={v}" for k, v in r.defaults.to_dict().items()))
+    return 0
+
+
+def _size(text: str):
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N, HxW or CxHxW, got {text!r}") from None
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="se-surgery", description="Add Squeeze-and-Excitation to existing models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def model_args(p, weights=True):
+        p.add_argument("model", help="torchvision or timm model name; tv:NAME / timm:NAME forces the source")
+        p.add_argument("--input-size", type=_size, default=None, help="N, HxW or CxHxW (default: model's or 224)")
+        if weights:
+            p.add_argument("--weights", help="local checkpoint: .safetensors or a torch.load file (weights_only)")
+
+    p = sub.add_parser("sites", help="list the sites where SE can go")
+    model_args(p)
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list 4-D adds that are not sites, and why")
+    p.set_defaults(fn=_cmd_sites)
+
+    p = sub.add_parser("plan", help="dry run: which site gets SE with which options")
+    model_args(p)
+    p.add_argument("--rules", default=None, help="rules file or preset name (default all_stages)")
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(fn=_cmd_plan)
+
+    p = sub.add_parser("report", help="parameters and MACs SE adds; several --rules compare")
+    model_args(p)
+    p.add_argument("--rules", action="append", help="rules file or preset; repeat to compare (default all_stages)")
+    p.add_argument("--format", choices=("table", "markdown", "json", "csv"), default="table")
+    p.add_argument("--plot", metavar="FILE.png", help="bar chart of added params and MACs per stage")
+    p.set_defaults(fn=_cmd_report)
+
+    p = sub.add_parser("check", help="validate a rules file without a model")
+    p.add_argument("rules")
+    p.set_defaults(fn=_cmd_check)
+    return ap
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``se-surgery`` command."""
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SESurgeryError as e:
+        print(f"se-surgery: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"se-surgery: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The plan: rules matched against sites, resolved and validated before any surgery."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import AlreadyPatchedError, ModelTypeError, PlanError
+from .errors import SESurgeryWarning
+from .rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
+from .se import SqueezeExcite, hidden_channels
+from .sites import Discovery, Site, discover
+
+__all__ = ["Plan", "PlannedSite", "plan", "match", "is_patched", "se_modules"]
+
+
+def se_modules(model: nn.Module) -> list[tuple[str, SqueezeExcite]]:
+    """(dotted name, module) of every SE module se-surgery inserted into ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SqueezeExcite) and hasattr(m, "se_site")]
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` carries SE modules inserted by se-surgery."""
+    return bool(se_modules(model))
+
+
+@dataclass(frozen=True)
+class PlannedSite:
+    """One site and what the rules decided for it."""
+
+    site: Site
+    selected: bool  # gets SE
+    options: SEOptions | None  # resolved options when selected
+    rule: int | None  # index of the last rule that selects the site (the deciding one)
+    matched: tuple[int, ...] = ()  # indices of every rule that selects the site
+
+    @property
+    def se_channels(self) -> int:
+        """Channels the SE module scales (the block input's for the ``pre`` variant)."""
+        if self.options is not None and self.options.variant == "pre":
+            return self.site.in_channels
+        return self.site.channels
+
+    @property
+    def se_spatial(self) -> tuple[int, int]:
+        if self.options is not None and self.options.variant == "pre":
+            return self.site.in_spatial
+        return self.site.spatial
+
+    @property
+    def hidden(self) -> int | None:
+        if self.options is None:
+            return None
+        o = self.options
+        return hidden_channels(self.se_channels, o.ratio, o.divisor, o.min_hidden)
+
+
+@dataclass
+class Plan:
+    """Dry run of :func:`apply`: every site, whether it gets SE, with which options, why."""
+
+    model: str
+    input_size: tuple[int, int, int]
+    rules: Rules
+    entries: list[PlannedSite]
+    untraced: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def selected(self) -> list[PlannedSite]:
+        return [e for e in self.entries if e.selected]
+
+    def rows(self) -> list[dict]:
+        rows = []
+        for e in self.entries:
+            s = e.site
+            rows.append({
+                "site": s.name, "kind": s.kind, "stage": s.stage, "block": s.block, "channels": s.channels,
+                "se": "yes" if e.selected else "-", "variant": e.options.variant if e.options else "",
+                "ratio": e.options.ratio if e.options else "", "hidden": e.hidden or "",
+                "rule": "" if e.rule is None else e.rule,
+            })
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "input_size": list(self.input_size), "rules_source": self.rules.source,
+            "rules": self.rules.to_dict(),
+            "sites": [dict(e.site.to_dict(), selected=e.selected, rule=e.rule,
+                           options=e.options.to_dict() if e.options else None, hidden=e.hidden)
+                      for e in self.entries],
+            "untraced": [{"module": p, "reason": r} for p, r in self.untraced],
+            "warnings": list(self.warnings),
+        }
+
+    def __str__(self) -> str:
+        from tabulate import tabulate
+
+        head = f"{self.model} at {'x'.join(map(str, self.input_size))}, rules {self.rules.source}: " \
+               f"SE at {len(self.selected)} of {len(self.entries)} sites"
+        parts = [head, tabulate(self.rows(), headers="keys")]
+        parts += [f"not traced: {p}: {r}" for p, r in self.untraced]
+        parts += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(parts)
+
+
+def match(rules: Rules, sites: list[Site]) -> list[PlannedSite]:
+    """Resolve which site gets SE with which options (a pure function of rules and sites).
+
+    Example:
+        >>> from se_surgery.rules import load_rules
+        >>> s = Site("a", "residual", "a", "Block", 1, 1, 64, (8, 8))
+        >>> r = load_rules({"rules": [{"select": {}}, {"select": {"name": "a"}, "ratio": 4}]})
+        >>> e = match(r, [s])[0]
+        >>> e.selected, e.rule, e.options.ratio
+        (True, 1, 4)
+    """
+    n_stages, sizes = _stage_sizes(sites)
+    out = []
+    for s in sites:
+        chosen = tuple(i for i, r in enumerate(rules.rules) if r.select.matches(s, n_stages, sizes))
+        if not chosen or rules.rules[chosen[-1]].skip:
+            out.append(PlannedSite(s, False, None, chosen[-1] if chosen else None, chosen))
+            continue
+        opts = rules.defaults.to_dict()
+        for i in chosen:
+            opts.update(rules.rules[i].options)
+        out.append(PlannedSite(s, True, SEOptions(**opts), chosen[-1], chosen))
+    return out
+
+
+def _stage_sizes(sites: list[Site]) -> tuple[int, dict[int, int]]:
+    sizes: dict[int, int] = {}
+    for s in sites:
+        sizes[s.stage] = sizes.get(s.stage, 0) + 1
+    return max(sizes, default=0), sizes
+
+
+def _check_ranges(rules: Rules, sites: list[Site], model_name: str) -> None:
+    n_stages, sizes = _stage_sizes(sites)
+    for i, r in enumerate(rules.rules):
+        for st in r.select.stage or ():
+            if abs(st) > n_stages:
+                raise PlanError(
+                    f"{rules.where('rules', i, 'select', 'stage')}: rule {i}, key 'stage': {model_name} has no stage "
+                    f"{st}; it has {n_stages} stage(s): 1..{n_stages} or -{n_stages}..-1 "
+                    f"(se-surgery sites MODEL lists them)" if n_stages else
+                    f"{rules.where('rules', i, 'select', 'stage')}: rule {i}, key 'stage': {model_name} has no sites"
+                )
+        if r.select.block:
+            stages = r.select.stage or tuple(sizes)
+            longest = max((sizes.get(st if st > 0 else n_stages + 1 + st, 0) for st in stages), default=0)
+            for b in r.select.block:
+                if abs(b) > longest:
+                    raise PlanError(
+                        f"{rules.where('rules', i, 'select', 'block')}: rule {i}, key 'block': no stage of "
+                        f"{model_name} it selects has a block {b}; the longest has {longest} "
+                        f"(1..{longest} or -{longest}..-1)"
+                    )
+
+
+def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False,
+         _discovery: Discovery | None = None) -> Plan:
+    """Match ``rules`` against the sites of ``model`` without changing anything.
+
+    Args:
+        model: the model to plan for (not modified).
+        rules: path, preset name, dict, :class:`~se_surgery.rules.Rules` or rule list;
+            ``None`` is the ``all_stages`` preset.
+        input_size: example input size for shapes (see :func:`find_sites`).
+        strict: turn warnings (a rule selecting nothing, untraceable blocks) into errors.
+
+    Example:
+        >>> import torchvision, se_surgery
+        >>> p = se_surgery.plan(torchvision.models.resnet50(), "late_stages")
+        >>> [e.site.name for e in p.selected][:2], len(p.selected)
+        (['layer3.0', 'layer3.1'], 9)
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if is_patched(model):
+        raise AlreadyPatchedError(
+            f"{type(model).__name__} already has {len(se_modules(model))} SE module(s) from se-surgery; "
+            "call se_surgery.strip(model) first to start from the original model"
+        )
+    rules = load_rules(rules)
+    d = _discovery or discover(model, input_size)
+    name = type(model).__name__
+    _check_ranges(rules, d.sites, name)
+    entries = match(rules, d.sites)
+    notes: list[str] = []
+    bad = [e.site.name for e in entries
+           if e.selected and e.options.variant not in VARIANTS_BY_KIND[e.site.kind]]
+    if bad:
+        e0 = next(e for e in entries if e.site.name == bad[0])
+        raise PlanError(
+            f"{rules.where('rules', e0.rule)}: rule {e0.rule}, key 'variant': variant "
+            f"{e0.options.variant!r} is not allowed at {e0.site.kind} site(s) {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}; concat sites allow only 'standard' "
+            f"(add kind: residual to the rule's select)"
+        )
+    no_fork = [e for e in entries if e.selected and e.options.variant == "pre" and e.site.in_channels is None]
+    if no_fork:
+        raise PlanError(
+            f"{rules.where('rules', no_fork[0].rule)}: rule {no_fork[0].rule}, key 'variant': 'pre' needs the "
+            f"block's input to be a 4-D map, which it is not at {no_fork[0].site.name}; use another variant"
+        )
+    used = {i for e in entries for i in e.matched}
+    for i in range(len(rules.rules)):
+        if i not in used:
+            msg = f"{rules.where('rules', i)}: rule {i} selects no site of {name} ({len(d.sites)} sites; " \
+                  f"se-surgery sites MODEL lists them)"
+            if strict:
+                raise PlanError(msg)
+            notes.append(msg)
+    if strict and d.untraced:
+        p, why = d.untraced[0]
+        raise PlanError(f"strict: module {p} could not be traced, its joins were not searched: {why}")
+    for msg in notes:
+        warnings.warn(msg, SESurgeryWarning, stacklevel=2)
+    return Plan(name, d.input_size, rules, entries, list(d.untraced), notes)
+

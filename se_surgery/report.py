@@ -1,0 +1,234 @@
+"""Report: what SE adds to a model, in parameters and multiply-accumulates (MACs).
+
+Convention (also printed in every report's footer): MACs are multiply-accumulates for
+one image (the paper's "GFLOPs" are MACs). The base model is measured with
+``torch.utils.flop_counter`` on fake tensors (its FLOP count divided by two: convs and
+matmuls). Each SE adds the MACs of its two FCs plus one operation per element of the
+feature map for the squeeze (two for ``avgmax``) and one for the scale.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import PlanError, TraceError
+from .plan import is_patched, plan, se_modules
+from .shapes import fake_mode
+from .sites import resolve_input_size
+from .trace import eval_mode, model_device_dtype
+
+__all__ = ["Report", "SiteRow", "report", "se_macs", "se_params", "FOOTER", "FORMATS"]
+
+FOOTER = (
+    "MACs = multiply-accumulates per image (the paper's GFLOPs): base from torch.utils.flop_counter / 2; "
+    "SE = its two FCs + 1 op per element for the squeeze + 1 for the scale."
+)
+FORMATS = ("table", "markdown", "json", "csv")
+
+
+def se_params(channels: int, hidden: int, bias: bool = True) -> int:
+    """Parameters of one SE module: two 1x1 convs, with their biases.
+
+    Example:
+        >>> se_params(256, 16)
+        8464
+    """
+    return 2 * channels * hidden + ((hidden + channels) if bias else 0)
+
+
+def se_macs(channels: int, hidden: int, spatial: tuple[int, int], squeeze: str = "avg") -> int:
+    """MACs of one SE module at a feature map of ``channels x H x W``.
+
+    Example:
+        >>> se_macs(256, 16, (56, 56))  # FCs 8,192 + squeeze 802,816 + scale 802,816
+        1613824
+    """
+    elements = channels * spatial[0] * spatial[1]
+    return 2 * channels * hidden + elements * (2 if squeeze == "avgmax" else 1) + elements
+
+
+@dataclass(frozen=True)
+class SiteRow:
+    """One SE module in a report."""
+
+    name: str
+    kind: str
+    stage: int
+    variant: str
+    channels: int
+    hidden: int
+    params: int
+    macs: int
+
+
+@dataclass
+class Report:
+    """What SE adds to a model: per-site rows, per-stage sums and totals.
+
+    ``str(report)`` is the table format; :meth:`render` gives the others.
+    """
+
+    model: str
+    input_size: tuple[int, int, int]
+    base_params: int
+    added_params: int
+    base_macs: int
+    added_macs: int
+    sites: list[SiteRow] = field(default_factory=list)
+    rules: str | None = None
+
+    @property
+    def added_params_pct(self) -> float:
+        return 100.0 * self.added_params / self.base_params if self.base_params else 0.0
+
+    @property
+    def added_macs_pct(self) -> float:
+        return 100.0 * self.added_macs / self.base_macs if self.base_macs else 0.0
+
+    def stages(self) -> list[dict]:
+        """Per-stage summary: sites with SE, added params and MACs."""
+        out: dict[int, dict] = {}
+        for r in self.sites:
+            s = out.setdefault(r.stage, {"stage": r.stage, "sites": 0, "params": 0, "macs": 0})
+            s["sites"] += 1
+            s["params"] += r.params
+            s["macs"] += r.macs
+        return [out[k] for k in sorted(out)]
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "input_size": list(self.input_size),
+            "rules": self.rules,
+            "base_params": self.base_params,
+            "added_params": self.added_params,
+            "added_params_pct": round(self.added_params_pct, 4),
+            "base_macs": self.base_macs,
+            "added_macs": self.added_macs,
+            "added_macs_pct": round(self.added_macs_pct, 4),
+            "stages": self.stages(),
+            "sites": [asdict(r) for r in self.sites],
+            "convention": FOOTER,
+        }
+
+    def _totals(self) -> list[list]:
+        return [
+            ["params", f"{self.base_params:,}", f"{self.added_params:,}", f"{self.added_params_pct:.2f} %"],
+            ["MACs", f"{self.base_macs:,}", f"{self.added_macs:,}", f"{self.added_macs_pct:.2f} %"],
+        ]
+
+    def render(self, fmt: str = "table") -> str:
+        """The report as ``table``, ``markdown``, ``json`` or ``csv`` text.
+
+        Example:
+            >>> r = Report("Net", (3, 32, 32), 1000, 100, 5000, 50, [SiteRow("a", "residual", 1, "standard", 8, 1, 25, 10)])
+            >>> print(r.render("csv").splitlines()[1])
+            a,residual,1,standard,8,1,25,10
+        """
+        if fmt == "json":
+            return json.dumps(self.to_dict(), indent=2)
+        if fmt == "csv":
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(["name", "kind", "stage", "variant", "channels", "hidden", "params", "macs"])
+            for r in self.sites:
+                w.writerow([r.name, r.kind, r.stage, r.variant, r.channels, r.hidden, r.params, r.macs])
+            w.writerow(["TOTAL", "", "", "", "", "", self.added_params, self.added_macs])
+            w.writerow(["BASE", "", "", "", "", "", self.base_params, self.base_macs])
+            return buf.getvalue()
+        if fmt not in ("table", "markdown"):
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        from tabulate import tabulate
+
+        tf = "github" if fmt == "markdown" else "simple"
+        rows = [[r.name, r.kind, r.stage, r.variant, r.channels, r.hidden, f"{r.params:,}", f"{r.macs:,}"]
+                for r in self.sites]
+        size = "x".join(map(str, self.input_size))
+        title = f"{self.model} at {size}" + (f", rules {self.rules}" if self.rules else "")
+        parts = [f"## {title}" if fmt == "markdown" else title, ""]
+        parts.append(tabulate(rows, headers=["site", "kind", "stage", "variant", "channels", "hidden",
+                                             "params", "MACs"], tablefmt=tf, disable_numparse=True))
+        parts += ["", tabulate([[s["stage"], s["sites"], f"{s['params']:,}", f"{s['macs']:,}"] for s in self.stages()],
+                               headers=["stage", "SE sites", "params", "MACs"], tablefmt=tf, disable_numparse=True)]
+        parts += ["", tabulate(self._totals(), headers=["", "base", "added by SE", "added %"], tablefmt=tf,
+                               disable_numparse=True)]
+        parts += ["", ("_" + FOOTER + "_") if fmt == "markdown" else FOOTER]
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.render("table")
+
+
+def _count(model: nn.Module, size: tuple[int, int, int], hooks_on=()) -> tuple[int, dict]:
+    """Flop-counted MACs of one fake forward, and the input shape seen by each hooked module."""
+    device, dtype = model_device_dtype(model)
+    seen: dict[int, tuple] = {}
+
+    def record(mod, args):
+        seen.setdefault(id(mod), tuple(args[0].shape))
+
+    handles = [m.register_forward_pre_hook(record) for m in hooks_on]
+    try:
+        with eval_mode(model), torch.no_grad(), fake_mode():
+            x = torch.empty((1, *size), device=device, dtype=dtype)
+            with FlopCounterMode(display=False) as counter:
+                model(x)
+    except Exception as e:
+        raise TraceError(f"cannot count the MACs of {type(model).__name__} on fake tensors: {type(e).__name__}: {e}") from e
+    finally:
+        for h in handles:
+            h.remove()
+    return int(counter.get_total_flops()) // 2, seen
+
+
+def report(model: nn.Module, rules=None, *, input_size=None) -> "Report":
+    """What SE adds to ``model``, in parameters and MACs, per site and in total.
+
+    For a model patched by :func:`se_surgery.apply`, describes its SE modules (``rules``
+    must be None). For an unpatched model, describes what ``rules`` (default
+    ``all_stages``) would add, without copying weights or running real compute.
+
+    Example:
+        >>> import torchvision, se_surgery
+        >>> r = se_surgery.report(torchvision.models.resnet50(), "all_stages")
+        >>> r.base_params, r.added_params, round(r.added_params_pct, 2)
+        (25557032, 2530992, 9.9)
+    """
+    size = resolve_input_size(model, input_size)
+    n_params = sum(p.numel() for p in model.parameters())
+    if is_patched(model):
+        if rules is not None:
+            raise PlanError("this model already has SE from se-surgery; report(model) describes it, "
+                            "rules only apply to an unpatched model")
+        mods = se_modules(model)
+        total_macs, seen = _count(model, size, [m for _, m in mods])
+        rows = []
+        for _, se in mods:
+            shape = seen.get(id(se))
+            if shape is None:
+                raise TraceError(f"SE module at {se.se_site.name} was not reached by a forward pass")
+            spatial = shape[2:4] if se.channel_dim == 1 else shape[1:3]
+            params = sum(p.numel() for p in se.parameters())
+            rows.append(SiteRow(se.se_site.name, se.se_site.kind, se.se_site.stage, se.se_options.variant,
+                                se.channels, se.hidden, params, se_macs(se.channels, se.hidden, spatial, se.squeeze)))
+        fc_macs = sum(2 * se.channels * se.hidden for _, se in mods)
+        added = sum(r.params for r in rows)
+        return Report(type(model).__name__, size, n_params - added, added, total_macs - fc_macs,
+                      sum(r.macs for r in rows), rows, rules=None)
+    p = plan(model, rules, input_size=size)
+    base_macs, _ = _count(model, size)
+    rows = [SiteRow(e.site.name, e.site.kind, e.site.stage, e.options.variant, e.se_channels, e.hidden,
+                    se_params(e.se_channels, e.hidden, e.options.bias),
+                    se_macs(e.se_channels, e.hidden, e.se_spatial, e.options.squeeze))
+            for e in p.selected]
+    return Report(type(model).__name__, size, n_params, sum(r.params for r in rows), base_macs,
+                  sum(r.macs for r in rows), rows, rules=p.rules.source)
+
+

@@ -1,0 +1,373 @@
+"""Declarative rules: which sites get SE and with which options.
+
+A rules source is a YAML file, the name of a shipped preset, a dict of the same
+structure, a :class:`Rules` object or a list of :class:`Rule` objects::
+
+    defaults: {variant: standard, ratio: 16}
+    rules:
+      - select: {kind: residual, stage: [-2, -1]}
+      - select: {name: "layer4.2"}
+        skip: true
+
+Precedence (one order for everything): rules apply in file order. A site gets SE when
+at least one rule selects it and the last rule that selects it is not ``skip``; its
+options are ``defaults`` overlaid by every selecting rule's options, in order.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.resources
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .errors import MissingFileError, RuleError
+from .se import GATES, INITS, SQUEEZES
+
+__all__ = ["SEOptions", "Selector", "Rule", "Rules", "load_rules", "preset_names", "VARIANTS", "KINDS"]
+
+VARIANTS = ("standard", "pre", "post", "identity")
+KINDS = ("residual", "concat")
+VARIANTS_BY_KIND = {"residual": VARIANTS, "concat": ("standard",)}
+TOP_KEYS = ("defaults", "rules")
+
+
+@dataclass(frozen=True)
+class SEOptions:
+    """Options of one inserted SE module (the ``defaults`` block and rule overrides)."""
+
+    variant: str = "standard"  # standard | pre | post | identity
+    ratio: float = 16  # reduction ratio r: hidden = channels / ratio
+    divisor: int = 1  # round hidden to a multiple of this (timm uses 8)
+    min_hidden: int = 1  # lower bound on hidden before rounding
+    init: str = "identity"  # identity (exact identity at insertion) | paper
+    squeeze: str = "avg"  # avg | max | avgmax
+    gate: str = "sigmoid"  # sigmoid | hard_sigmoid
+    bias: bool = True  # FCs with bias (timm's SEModule has them)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+OPTION_KEYS = tuple(f.name for f in fields(SEOptions))
+_CHOICES = {"variant": VARIANTS, "init": INITS, "squeeze": SQUEEZES, "gate": GATES}
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which sites a rule selects; every given key must hold (``None`` = any)."""
+
+    kind: str | None = None
+    stage: tuple[int, ...] | None = None  # 1-based; negative counts from the last stage
+    block: tuple[int, ...] | None = None  # 1-based inside the stage; negative from its end
+    name: tuple[str, ...] | None = None  # fnmatch globs over site names
+    min_channels: int | None = None
+    max_channels: int | None = None
+    has_attention: bool | None = None  # the owner already has a channel gate
+
+    def matches(self, site, n_stages: int, stage_sizes: dict[int, int]) -> bool:
+        """Whether ``site`` satisfies every key of this selector (a pure function)."""
+        if self.kind is not None and site.kind != self.kind:
+            return False
+        if self.stage is not None and site.stage not in {s if s > 0 else n_stages + 1 + s for s in self.stage}:
+            return False
+        if self.block is not None:
+            size = stage_sizes.get(site.stage, 0)
+            if site.block not in {b if b > 0 else size + 1 + b for b in self.block}:
+                return False
+        if self.name is not None and not any(fnmatch.fnmatchcase(site.name, g) for g in self.name):
+            return False
+        if self.min_channels is not None and site.channels < self.min_channels:
+            return False
+        if self.max_channels is not None and site.channels > self.max_channels:
+            return False
+        if self.has_attention is not None and site.has_attention != self.has_attention:
+            return False
+        return True
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None:
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+SELECT_KEYS = tuple(f.name for f in fields(Selector))
+RULE_KEYS = ("select", "skip") + OPTION_KEYS
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: a selector, option overrides, or ``skip=True``.
+
+    Example:
+        >>> Rule(Selector(kind="residual", stage=(-1,)), {"ratio": 8}).options
+        {'ratio': 8}
+    """
+
+    select: Selector = field(default_factory=Selector)
+    options: dict = field(default_factory=dict)
+    skip: bool = False
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"select": self.select.to_dict()}
+        out.update(self.options)
+        if self.skip:
+            out["skip"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class Rules:
+    """A validated rule set: defaults, rules in file order, and where it came from."""
+
+    defaults: SEOptions = field(default_factory=SEOptions)
+    rules: tuple[Rule, ...] = ()
+    source: str = "<dict>"
+    lines: dict = field(default_factory=dict, compare=False, repr=False)  # key path -> YAML line
+
+    def to_dict(self) -> dict:
+        return {"defaults": self.defaults.to_dict(), "rules": [r.to_dict() for r in self.rules]}
+
+    def where(self, *path) -> str:
+        """``file`` or ``file:line`` for a key path such as ("rules", 0, "stage")."""
+        for cut in range(len(path), -1, -1):
+            line = self.lines.get(tuple(path[:cut]))
+            if line is not None:
+                return f"{self.source}:{line}"
+        return self.source
+
+
+# ---------------------------------------------------------------- presets and files
+
+
+def _preset_dir():
+    return importlib.resources.files("se_surgery.presets")
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package.
+
+    Example:
+        >>> "all_stages" in preset_names()
+        True
+    """
+    return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_source(source: str | os.PathLike) -> tuple[str, str]:
+    """(text, display name) of a rules path or preset name."""
+    path = Path(source)
+    if path.is_file():
+        return path.read_text(encoding="utf-8"), str(path)
+    stem = path.name[:-5] if path.name.endswith((".yaml", ".yml")) else path.name
+    if path.parent == Path(".") and stem in preset_names():
+        text = (_preset_dir() / f"{stem}.yaml").read_text(encoding="utf-8")
+        return text, f"preset {stem}"
+    raise MissingFileError(
+        f"rules file {str(source)!r} not found, and it is not a preset name; "
+        f"presets: {', '.join(preset_names())}"
+    )
+
+
+def _line_map(node, path=(), out=None) -> dict:
+    """Map key paths to 1-based YAML lines, from the composed node tree."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value
+            out[path + (key,)] = k.start_mark.line + 1
+            _line_map(v, path + (key,), out)
+            out[path + (key,)] = k.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _line_map(v, path + (i,), out)
+    return out
+
+
+def _parse_yaml(text: str, name: str) -> tuple[Any, dict]:
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{name}:{mark.line + 1}" if mark else name
+        problem = e.problem or str(e)
+        if "could not determine a constructor" in str(e):
+            problem += " (only plain YAML is read: mappings, lists, strings, numbers, booleans)"
+        raise RuleError(f"{where}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as e:
+        raise RuleError(f"{name}: invalid YAML: {e}") from None
+    return data, (_line_map(node) if node is not None else {})
+
+
+# ---------------------------------------------------------------- validation
+
+
+class _Checker:
+    def __init__(self, source: str, lines: dict):
+        self.source, self.lines = source, lines
+
+    def where(self, path) -> str:
+        for cut in range(len(path), -1, -1):
+            line = self.lines.get(tuple(path[:cut]))
+            if line is not None:
+                return f"{self.source}:{line}"
+        return self.source
+
+    def fail(self, path, message: str):
+        ctx = ""
+        if len(path) >= 2 and path[0] == "rules":
+            ctx = f"rule {path[1]}" + (f", key {path[-1]!r}" if len(path) > 2 else "")
+        elif path:
+            ctx = f"key {'.'.join(str(p) for p in path)!r}"
+        raise RuleError(f"{self.where(path)}: {ctx + ': ' if ctx else ''}{message}")
+
+    def keys(self, path, mapping: dict, allowed: Iterable[str], what: str):
+        for k in mapping:
+            if k not in allowed:
+                import difflib
+
+                close = difflib.get_close_matches(str(k), list(allowed), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.fail(path + (k,), f"unknown {what} key {k!r}{hint}; allowed: {', '.join(allowed)}")
+
+    def option(self, path, key: str, value):
+        if key in _CHOICES:
+            if value not in _CHOICES[key]:
+                self.fail(path, f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        elif key == "ratio":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                self.fail(path, f"ratio must be a number > 0, got {value!r}")
+        elif key in ("divisor", "min_hidden"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                self.fail(path, f"{key} must be an integer >= 1, got {value!r}")
+        elif key == "bias":
+            if not isinstance(value, bool):
+                self.fail(path, f"bias must be true or false, got {value!r}")
+        return value
+
+    def int_list(self, path, key: str, value, allow_negative: bool) -> tuple[int, ...]:
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            self.fail(path, f"{key} must be an integer or a non-empty list of integers, got []")
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, int) or v == 0 or (v < 0 and not allow_negative):
+                self.fail(path, f"{key} must be a non-zero integer or a list of them (1-based, negative counts "
+                                f"from the end), got {value!r}")
+        return tuple(items)
+
+    def selector(self, path, sel) -> Selector:
+        if sel is None:
+            return Selector()
+        if not isinstance(sel, dict):
+            self.fail(path, f"select must be a mapping of {', '.join(SELECT_KEYS)}, got {type(sel).__name__}")
+        self.keys(path, sel, SELECT_KEYS, "select")
+        out: dict[str, Any] = {}
+        for k, v in sel.items():
+            p = path + (k,)
+            if k == "kind":
+                if v not in KINDS:
+                    self.fail(p, f"kind must be one of {', '.join(KINDS)}, got {v!r}")
+                out[k] = v
+            elif k in ("stage", "block"):
+                out[k] = self.int_list(p, k, v, allow_negative=True)
+            elif k == "name":
+                names = v if isinstance(v, list) else [v]
+                if not names or not all(isinstance(g, str) and g for g in names):
+                    self.fail(p, f"name must be a glob string or a list of them, got {v!r}")
+                out[k] = tuple(names)
+            elif k in ("min_channels", "max_channels"):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    self.fail(p, f"{k} must be a positive integer, got {v!r}")
+                out[k] = v
+            elif k == "has_attention":
+                if not isinstance(v, bool):
+                    self.fail(p, f"has_attention must be true or false, got {v!r}")
+                out[k] = v
+        if "min_channels" in out and "max_channels" in out and out["min_channels"] > out["max_channels"]:
+            self.fail(path + ("min_channels",), f"min_channels {out['min_channels']} > max_channels {out['max_channels']}")
+        return Selector(**out)
+
+
+def _from_data(data, source: str, lines: dict) -> Rules:
+    chk = _Checker(source, lines)
+    if data is None:
+        chk.fail((), "the rules are empty; expected a mapping with 'rules:' (a list) and optional 'defaults:'")
+    if not isinstance(data, dict):
+        chk.fail((), f"expected a mapping with keys {', '.join(TOP_KEYS)}, got {type(data).__name__}")
+    chk.keys((), data, TOP_KEYS, "top-level")
+    if "rules" not in data:
+        chk.fail((), "missing key 'rules' (a list of rules, each with 'select:')")
+    defaults_raw = data.get("defaults") or {}
+    if not isinstance(defaults_raw, dict):
+        chk.fail(("defaults",), f"defaults must be a mapping of {', '.join(OPTION_KEYS)}")
+    chk.keys(("defaults",), defaults_raw, OPTION_KEYS, "defaults")
+    for k, v in defaults_raw.items():
+        chk.option(("defaults", k), k, v)
+    defaults = SEOptions(**defaults_raw)
+    raw_rules = data["rules"]
+    if not isinstance(raw_rules, list):
+        chk.fail(("rules",), f"rules must be a list of mappings, got {type(raw_rules).__name__}")
+    if not raw_rules:
+        chk.fail(("rules",), "rules is an empty list; add at least one rule such as '- select: {kind: residual}'")
+    rules = []
+    for i, r in enumerate(raw_rules):
+        path = ("rules", i)
+        if isinstance(r, Rule):
+            r = r.to_dict()
+        if not isinstance(r, dict):
+            chk.fail(path, f"each rule must be a mapping with 'select:', got {type(r).__name__}")
+        chk.keys(path, r, RULE_KEYS, "rule")
+        select = chk.selector(path + ("select",), r.get("select"))
+        skip = r.get("skip", False)
+        if not isinstance(skip, bool):
+            chk.fail(path + ("skip",), f"skip must be true or false, got {skip!r}")
+        options = {k: chk.option(path + (k,), k, v) for k, v in r.items() if k in OPTION_KEYS}
+        if skip and options:
+            chk.fail(path + (next(iter(options)),), "a rule with skip: true takes no SE options")
+        rules.append(Rule(select, options, skip))
+    return Rules(defaults, tuple(rules), source, lines)
+
+
+def load_rules(source=None) -> Rules:
+    """Read and validate rules from a path, preset name, dict, Rules or list of Rule.
+
+    ``None`` means the preset ``all_stages``. Every problem raises :class:`RuleError`
+    naming the file (and line), the rule's index and the key, with the allowed values.
+
+    Example:
+        >>> r = load_rules({"rules": [{"select": {"stage": [-1]}, "ratio": 8}]})
+        >>> r.rules[0].select.stage, r.rules[0].options
+        ((-1,), {'ratio': 8})
+        >>> load_rules("late_stages").source
+        'preset late_stages'
+    """
+    if source is None:
+        source = "all_stages"
+    if isinstance(source, Rules):
+        return source
+    if isinstance(source, Rule):
+        source = [source]
+    if isinstance(source, (list, tuple)):
+        if not all(isinstance(r, (Rule, dict)) for r in source):
+            raise RuleError("a list of rules must hold Rule objects or rule dicts")
+        return _from_data({"rules": list(source)}, "<rules>", {})
+    if isinstance(source, dict):
+        return _from_data(source, "<dict>", {})
+    if isinstance(source, (str, os.PathLike)):
+        text, name = _read_source(source)
+        data, lines = _parse_yaml(text, name)
+        return _from_data(data, name, lines)
+    raise RuleError(
+        f"rules must be a path, a preset name ({', '.join(preset_names())}), a dict, Rules or a list of "
+        f"Rule, got {type(source).__name__}"
+    )

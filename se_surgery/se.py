@@ -1,0 +1,139 @@
+"""The Squeeze-and-Excitation module that se-surgery inserts.
+
+``squeeze -> FC(C -> hidden) -> ReLU -> FC(hidden -> C) -> gate -> channel-wise scale``,
+with 1x1 convolutions as FCs so the parameter count matches timm's ``SEModule``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SqueezeExcite", "hidden_channels"]
+
+SQUEEZES = ("avg", "max", "avgmax")
+GATES = ("sigmoid", "hard_sigmoid")
+INITS = ("identity", "paper")
+
+
+def hidden_channels(channels: int, ratio: float, divisor: int = 1, min_hidden: int = 1) -> int:
+    """Width of the SE bottleneck, rounded the way timm's ``make_divisible`` does.
+
+    ``max(min_hidden, channels / ratio)`` rounded to the nearest multiple of ``divisor``
+    (halves up), never below ``divisor``.
+
+    Example:
+        >>> hidden_channels(256, 16)
+        16
+        >>> hidden_channels(64, 16, divisor=8)
+        8
+        >>> hidden_channels(24, 16)
+        2
+    """
+    v = max(float(min_hidden), channels / ratio)
+    return max(divisor, int(v + divisor / 2) // divisor * divisor)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention of Hu et al. (2018) on a 4-D feature map.
+
+    Args:
+        channels: channels of the map the gate scales.
+        ratio: reduction ratio ``r``; see :func:`hidden_channels`.
+        divisor, min_hidden: rounding of the bottleneck width.
+        squeeze: ``"avg"``, ``"max"`` or ``"avgmax"`` (mean of both) global pooling.
+        gate: ``"sigmoid"`` or ``"hard_sigmoid"``.
+        init: ``"identity"`` zero-initialises the last FC and doubles the gate, so the
+            gate is exactly 1 and the module computes the identity until it is trained;
+            ``"paper"`` keeps PyTorch's default init and the plain gate.
+        bias: whether the FCs have a bias.
+        channel_dim: 1 for (N, C, H, W) maps, -1 for channels-last (N, H, W, C) maps.
+
+    ``forward(x)`` returns ``x * gate(x)``; ``forward(x, skip)`` returns
+    ``skip + x * gate(x)`` in one fused ``addcmul``, which is how the ``standard``
+    variant closes a residual join.
+
+    Example:
+        >>> se = SqueezeExcite(64, ratio=16)
+        >>> x = torch.randn(2, 64, 8, 8)
+        >>> torch.equal(se(x), x)  # identity init: exact identity at insertion
+        True
+        >>> sum(p.numel() for p in se.parameters())
+        580
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        ratio: float = 16,
+        *,
+        divisor: int = 1,
+        min_hidden: int = 1,
+        squeeze: str = "avg",
+        gate: str = "sigmoid",
+        init: str = "identity",
+        bias: bool = True,
+        channel_dim: int = 1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if squeeze not in SQUEEZES:
+            raise ValueError(f"squeeze must be one of {SQUEEZES}, got {squeeze!r}")
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if channel_dim not in (1, -1):
+            raise ValueError(f"channel_dim must be 1 or -1, got {channel_dim!r}")
+        self.channels = int(channels)
+        self.hidden = hidden_channels(channels, ratio, divisor, min_hidden)
+        self.squeeze = squeeze
+        self.gate_fn = gate
+        self.init = init
+        self.channel_dim = channel_dim
+        # identity init: 2 * sigmoid(0) == 2 * hard_sigmoid(0) == 1.0 exactly.
+        self.gate_scale = 2.0 if init == "identity" else 1.0
+        kw = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Conv2d(self.channels, self.hidden, 1, bias=bias, **kw)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(self.hidden, self.channels, 1, bias=bias, **kw)
+        if init == "identity":
+            nn.init.zeros_(self.fc2.weight)
+            if self.fc2.bias is not None:
+                nn.init.zeros_(self.fc2.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, hidden={self.hidden}, squeeze={self.squeeze!r}, "
+            f"gate={self.gate_fn!r}, init={self.init!r}, channel_dim={self.channel_dim}"
+        )
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        dims = (2, 3) if self.channel_dim == 1 else (1, 2)
+        if self.squeeze == "avg":
+            s = x.mean(dims, keepdim=True)
+        elif self.squeeze == "max":
+            s = x.amax(dims, keepdim=True)
+        else:
+            s = 0.5 * (x.mean(dims, keepdim=True) + x.amax(dims, keepdim=True))
+        if self.channel_dim == -1:
+            s = s.permute(0, 3, 1, 2)
+        return s
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-channel gate, shaped to broadcast against ``x``."""
+        z = self.fc2(self.act(self.fc1(self._pool(x))))
+        g = torch.sigmoid(z) if self.gate_fn == "sigmoid" else F.hardsigmoid(z)
+        if self.gate_scale != 1.0:
+            g = g * self.gate_scale
+        if self.channel_dim == -1:
+            g = g.permute(0, 2, 3, 1)
+        return g
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        g = self.gate(x)
+        if skip is None:
+            return x * g
+        return torch.addcmul(skip, x, g)
