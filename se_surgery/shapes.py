@@ -1,7 +1,7 @@
 """Shapes without compute: propagate fake tensors through the traced regions.
 
-Each tensor-valued node gets ``node.meta["shape"]`` (a tuple) and ``node.meta["tensor"]``
-(True). Fake tensors carry shapes and dtypes but no storage, so the shapes of resnet152
+Each tensor-valued node gets ``node.meta["shape"]`` (a tuple); every node that carries
+tensor data (a tensor, or a tuple of them) gets ``node.meta["tensor"] = True``. Fake tensors carry shapes and dtypes but no storage, so the shapes of resnet152
 or densenet201 cost no real activations.
 """
 
@@ -31,6 +31,8 @@ class _ShapeInterpreter(fx.Interpreter):
         if isinstance(out, torch.Tensor):
             n.meta["shape"] = tuple(int(s) for s in out.shape)
             n.meta["tensor"] = True
+        elif isinstance(out, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in out):
+            n.meta["tensor"] = True  # unbind / split / chunk: data flows on through getitem
         return out
 
 

@@ -233,6 +233,21 @@ class _RegionView:
             return self._follow_same_shape(n, depth)
         return None
 
+    def consumer_axis(self, n: fx.Node) -> int | None:
+        """The channel axis of a 4-D node as its consumers read it (a norm or conv right after)."""
+        for u in n.users:
+            if u.op == "call_module":
+                m = self.module(u)
+                if isinstance(m, _CHANNEL_FIRST_MODULES):
+                    return 1
+                if isinstance(m, nn.Linear) or (isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward):
+                    return 3
+            elif u.op == "call_function" and u.target in _CHANNEL_FIRST_FUNCTIONS:
+                return 1
+            elif u.op == "call_function" and u.target in _CHANNEL_LAST_FUNCTIONS:
+                return 3
+        return None
+
     def _follow_same_shape(self, n: fx.Node, depth: int) -> int | None:
         for a in _tensor_inputs(n):
             if _shape(a) == _shape(n):
@@ -303,7 +318,8 @@ def _residual(view: _RegionView, n: fx.Node) -> tuple[dict | None, str | None]:
     if max(lengths) == 0:
         return None, "both operands are the same tensor"
     branch = 0 if lengths[0] > lengths[1] else 1
-    axis = view.channel_axis(operands[branch]) or view.channel_axis(operands[1 - branch])
+    axis = (view.channel_axis(operands[branch]) or view.channel_axis(operands[1 - branch])
+            or view.consumer_axis(fork) or view.consumer_axis(n))
     if axis not in (1, 3):
         return None, "channel axis unknown (no conv, norm or linear layer produces it)"
     fork_shape = _shape(fork)
