@@ -133,11 +133,14 @@ def _local_graph(module: nn.Module, path: str) -> fx.Graph:
     return graph
 
 
-def build_owner(module: nn.Module, path: str, entries: list[PlannedSite]) -> fx.GraphModule:
+def build_owner(module: nn.Module, path: str, entries: list[PlannedSite], *, input_size=None,
+                rules=None) -> fx.GraphModule:
     """A GraphModule computing ``module``'s forward with SE at the given sites.
 
     The result shares every child, parameter and buffer with ``module`` (same objects,
-    same names, same order) and adds the SE modules after them.
+    same names, same order) and adds the SE modules after them. ``input_size`` and
+    ``rules`` are the plan's; each SE module keeps them so that ``save_se`` can record
+    the surgery and ``load_se`` redo it at the same size.
     """
     flags = [(m, m.training) for m in module.modules()]
     try:
@@ -164,6 +167,7 @@ def build_owner(module: nn.Module, path: str, entries: list[PlannedSite]) -> fx.
                            channel_dim=site.channel_dim, device=device, dtype=dtype)
         se.train(module.training)
         se.se_site, se.se_options, se.se_rule = site, o, entry.rule
+        se.se_input_size, se.se_rules = input_size, rules
         new_modules[name] = se
         _insert(graph, module, entry, node, name)
     graph.lint()
@@ -289,7 +293,7 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
     for owner, entries in by_owner.items():
         module = target.get_submodule(owner) if owner else target
         try:
-            built[owner] = build_owner(module, owner, entries)
+            built[owner] = build_owner(module, owner, entries, input_size=p.input_size, rules=p.rules)
         except TraceError as e:
             if strict:
                 raise
@@ -302,6 +306,6 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
             _set(target, owner, built[owner])
     if "" in built:
         warnings.warn(f"joins in {type(model).__name__}.forward itself: the returned model is an fx GraphModule, "
-                      "not a {type(model).__name__}", SESurgeryWarning, stacklevel=2)
+                      f"not a {type(model).__name__}", SESurgeryWarning, stacklevel=2)
         return built[""]
     return target
