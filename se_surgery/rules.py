@@ -149,7 +149,11 @@ class Rules:
 
 
 def _preset_dir():
-    return importlib.resources.files("se_surgery.presets")
+    try:
+        return importlib.resources.files("se_surgery.presets")
+    except ModuleNotFoundError:
+        # A checkout used from PYTHONPATH, not installed: the presets sit beside the package.
+        return Path(__file__).resolve().parent.parent / "rules"
 
 
 def preset_names() -> list[str]:
@@ -206,7 +210,35 @@ def _parse_yaml(text: str, name: str) -> tuple[Any, dict]:
         raise RuleError(f"{where}: invalid YAML: {problem}") from None
     except yaml.YAMLError as e:
         raise RuleError(f"{name}: invalid YAML: {e}") from None
+    _check_nodes(node, name)
     return data, (_line_map(node) if node is not None else {})
+
+
+def _check_nodes(root, name: str) -> None:
+    """Refuse what safe_load accepts silently: a key given twice (the last would win
+    unseen) and an alias inside its own anchor (a structure that contains itself)."""
+    stack = [(root, ())] if root is not None else []
+    visits = 0
+    while stack:
+        node, inside = stack.pop()
+        visits += 1
+        if visits > 100_000:  # aliases of aliases expand exponentially ("billion laughs")
+            raise RuleError(f"{name}: invalid YAML: more than 100,000 nodes once aliases are expanded")
+        if id(node) in inside:
+            raise RuleError(f"{name}:{node.start_mark.line + 1}: invalid YAML: an alias refers to the anchor it is "
+                            "inside of; rules must not contain themselves")
+        inside = inside + (id(node),)
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in seen:
+                        raise RuleError(f"{name}:{k.start_mark.line + 1}: invalid YAML: duplicate key {k.value!r}; "
+                                        "give each key once per mapping")
+                    seen.add(k.value)
+                stack.extend([(k, inside), (v, inside)])
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, inside) for v in node.value)
 
 
 # ---------------------------------------------------------------- validation
@@ -245,7 +277,8 @@ class _Checker:
             if value not in _CHOICES[key]:
                 self.fail(path, f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
         elif key == "ratio":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
+                    isinstance(value, float) and not math.isfinite(value)):
                 self.fail(path, f"ratio must be a number > 0, got {value!r}")
         elif key in ("divisor", "min_hidden"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -307,7 +340,7 @@ def _from_data(data, source: str, lines: dict) -> Rules:
     chk.keys((), data, TOP_KEYS, "top-level")
     if "rules" not in data:
         chk.fail((), "missing key 'rules' (a list of rules, each with 'select:')")
-    defaults_raw = data.get("defaults") or {}
+    defaults_raw = {} if data.get("defaults") is None else data["defaults"]
     if not isinstance(defaults_raw, dict):
         chk.fail(("defaults",), f"defaults must be a mapping of {', '.join(OPTION_KEYS)}")
     chk.keys(("defaults",), defaults_raw, OPTION_KEYS, "defaults")
