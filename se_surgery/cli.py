@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import MissingFileError, SESurgeryError, UnknownModelError
+from .errors import CheckpointError, MissingFileError, SESurgeryError, UnknownModelError
 
 __all__ = ["main", "build_model", "load_weights"]
 
@@ -85,13 +85,25 @@ def load_weights(model: nn.Module, path: str) -> None:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
-        model.load_state_dict(state)
-    except SESurgeryError:
-        raise
     except Exception as e:
-        from .errors import CheckpointError
-
         raise CheckpointError(f"cannot load weights from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    # Check everything before copying: load_state_dict copies the tensors that fit before
+    # it raises for the ones that do not, which would leave the model half loaded.
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"cannot load weights from {path}: expected a state_dict (names to tensors), "
+                              f"got {type(state).__name__}")
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = ([f"{len(missing)} missing key(s) {missing[:3]}"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected key(s) {unexpected[:3]}"] if unexpected else [])
+        raise CheckpointError(f"cannot load weights from {path}: they do not fit {type(model).__name__}: "
+                              f"{', '.join(parts)}")
+    for k, v in own.items():
+        if state[k].shape != v.shape:
+            raise CheckpointError(f"cannot load weights from {path}: {k} has shape {tuple(state[k].shape)}, "
+                                  f"{type(model).__name__} needs {tuple(v.shape)}")
+    model.load_state_dict(state)
 
 
 def _model(args) -> nn.Module:

@@ -14,7 +14,8 @@ from .errors import PlanError, SESurgeryWarning, TraceError
 from .plan import Plan, PlannedSite, plan as make_plan
 from .se import SqueezeExcite
 from .sites import is_add, is_cat, is_join
-from .trace import model_device_dtype, trace_local
+from .shapes import annotate_call, record_calls
+from .trace import concrete_args_for, eval_mode, model_device_dtype, trace_local
 
 __all__ = ["apply", "build_owner"]
 
@@ -71,6 +72,21 @@ def _operands(n: fx.Node) -> list:
     return ops
 
 
+_FRESH_OUTPUT = (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+
+
+def _private_fresh(branch: fx.Node, join: fx.Node, owner: nn.Module) -> bool:
+    """Whether the join may overwrite ``branch``: a new tensor made by a conv or norm layer
+    (exact class, no forward hooks) that only the join reads, as in ``out += identity``."""
+    if branch.op != "call_module" or len(branch.users) != 1 or join not in branch.users:
+        return False
+    try:
+        m = owner.get_submodule(branch.target)
+    except AttributeError:  # an SE module inserted at an earlier join of this owner
+        return False
+    return type(m) in _FRESH_OUTPUT and not m._forward_hooks
+
+
 def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node, se_name: str) -> None:
     site, variant = entry.site, entry.options.variant
     if site.kind == "concat" or variant == "post":
@@ -87,9 +103,11 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
         raise TraceError(f"site {site.name}: the join in {site.owner_type}.forward no longer has two tensor operands")
     branch, skip = ops[site.branch_arg], ops[1 - site.branch_arg]
     if variant == "standard":
-        # One fused addcmul (skip + branch * gate) instead of a mul and an add.
+        # One fused addcmul (skip + branch * gate) instead of a mul and an add; written
+        # into the branch's own fresh tensor where nothing else can see it (inference).
+        kwargs = {"inplace": True} if _private_fresh(branch, node, owner) else {}
         with graph.inserting_before(node):
-            new = graph.call_module(se_name, (branch, skip))
+            new = graph.call_module(se_name, (branch, skip), kwargs)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     elif variant == "identity":
@@ -114,14 +132,16 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
         raise PlanError(f"unknown variant {variant!r}")
 
 
-def _local_graph(module: nn.Module, path: str) -> fx.Graph:
-    """Trace the owner's own forward; refuse owners whose forward depends on ``training``."""
+def _local_graph(module: nn.Module, path: str, calls: list | None = None) -> fx.Graph:
+    """Trace the owner's own forward as the model calls it (``calls``, see
+    :func:`~se_surgery.shapes.record_calls`); refuse owners whose forward depends on ``training``."""
+    concrete = concrete_args_for(module, path, [c[0] for c in calls or ()])
     was = module.training
     try:
         module.train(False)
-        graph = trace_local(module, path)
+        graph = trace_local(module, path, concrete)
         module.train(True)
-        other = trace_local(module, path)
+        other = trace_local(module, path, concrete)
     finally:
         module.train(was)
         # train() recursed into the children: restore their own flags exactly.
@@ -134,7 +154,7 @@ def _local_graph(module: nn.Module, path: str) -> fx.Graph:
 
 
 def build_owner(module: nn.Module, path: str, entries: list[PlannedSite], *, input_size=None,
-                rules=None) -> fx.GraphModule:
+                rules=None, calls: list | None = None) -> fx.GraphModule:
     """A GraphModule computing ``module``'s forward with SE at the given sites.
 
     The result shares every child, parameter and buffer with ``module`` (same objects,
@@ -144,19 +164,35 @@ def build_owner(module: nn.Module, path: str, entries: list[PlannedSite], *, inp
     """
     flags = [(m, m.training) for m in module.modules()]
     try:
-        graph = _local_graph(module, path)
+        with eval_mode(module):  # also undoes what tracing writes into attributes (caches)
+            graph = _local_graph(module, path, calls)
     finally:
         for m, flag in flags:
             m.training = flag
-    joins = [n for n in graph.nodes if is_join(n)]
+    # Count joins of tensors only, as discovery does: with shapes from how the model
+    # calls the block, arithmetic on sizes (1 + H * W) is told apart from real joins.
+    shaped = bool(calls) and annotate_call(module, graph, calls[0][1])
+    joins = [n for n in graph.nodes if is_join(n) and (n.meta.get("tensor") or not shaped)]
     device, dtype = model_device_dtype(module)
     taken: set[str] = set()
     new_modules: dict[str, SqueezeExcite] = {}
-    for k, entry in enumerate(entries, start=1):
+    # A module the model calls several times (a shared block) performs its joins once per
+    # call: discovery numbers them on across calls, one graph holds them once.
+    n_calls = len(calls) if calls else 1
+    done: dict[int, str] = {}
+    k = 0
+    for entry in entries:
         site = entry.site
-        if site.join_index >= len(joins):
+        if site.join_index >= len(joins) * n_calls:
             raise TraceError(f"site {site.name}: {type(module).__name__}.forward has only {len(joins)} joins")
-        node = joins[site.join_index]
+        index = site.join_index % len(joins)
+        if index in done:
+            warnings.warn(f"site {site.name} is the join of site {done[index]} again (the model calls {path} "
+                          f"{n_calls} times): both share one SE module", SESurgeryWarning, stacklevel=3)
+            continue
+        done[index] = site.name
+        k += 1
+        node = joins[index]
         if (site.kind == "residual") != is_add(node) or (site.kind == "concat") != is_cat(node):
             raise TraceError(f"site {site.name}: join {site.join_index} of {type(module).__name__}.forward "
                              f"is {node.format_node()}, not a {site.kind}")
@@ -246,9 +282,13 @@ def _rebuild(fn, args, class_name: str) -> SEGraphModule:
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, module)
+    """Put ``module`` where the module at ``path`` is, and wherever else the model holds
+    that same object (a block shared by several parents, as CoaT's ``cpe``)."""
+    old = model.get_submodule(path)
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is old:
+                parent._modules[name] = module
 
 
 def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False, inplace: bool = False) -> nn.Module:
@@ -290,10 +330,13 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
     for e in p.selected:
         by_owner.setdefault(e.site.owner, []).append(e)
     built: dict[str, nn.Module] = {}
+    owners = {owner: target.get_submodule(owner) if owner else target for owner in by_owner}
+    calls = record_calls(target, owners, p.input_size)  # how the model calls each owner
     for owner, entries in by_owner.items():
-        module = target.get_submodule(owner) if owner else target
+        module = owners[owner]
         try:
-            built[owner] = build_owner(module, owner, entries, input_size=p.input_size, rules=p.rules)
+            built[owner] = build_owner(module, owner, entries, input_size=p.input_size, rules=p.rules,
+                                       calls=calls.get(owner))
         except TraceError as e:
             if strict:
                 raise

@@ -215,10 +215,15 @@ def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False,
             if strict:
                 raise PlanError(msg)
             notes.append(msg)
-    if strict and d.untraced:
-        p, why = d.untraced[0]
-        raise PlanError(f"strict: module {p} could not be traced, its joins were not searched: {why}")
+    if d.untraced:
+        listed = "; ".join(f"{p} ({why})" for p, why in d.untraced)
+        if strict:
+            raise PlanError(f"strict: {len(d.untraced)} module(s) could not be traced, their joins were not "
+                            f"searched: {listed}")
     for msg in notes:
         warnings.warn(msg, SESurgeryWarning, stacklevel=2)
+    if d.untraced:  # listed in Plan.untraced; said once here for callers who only see warnings
+        warnings.warn(f"{len(d.untraced)} module(s) of {name} could not be traced, their joins were not searched "
+                      f"(strict=True makes this an error): {listed}", SESurgeryWarning, stacklevel=2)
     return Plan(name, d.input_size, rules, entries, list(d.untraced), notes)
 

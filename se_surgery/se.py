@@ -122,18 +122,32 @@ class SqueezeExcite(nn.Module):
             s = s.permute(0, 3, 1, 2)
         return s
 
+    def _excite(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate before ``gate_scale``, shaped (N, C) -> broadcastable against ``x``.
+
+        The FCs are 1x1 convs on a 1x1 map, so they run as ``F.linear`` on the flattened
+        squeeze with the same weights (one GEMM each instead of a convolution).
+        """
+        s = self._pool(x).flatten(1)
+        z = F.linear(s, self.fc1.weight.flatten(1), self.fc1.bias)
+        z = F.linear(self.act(z), self.fc2.weight.flatten(1), self.fc2.bias)
+        g = torch.sigmoid(z) if self.gate_fn == "sigmoid" else F.hardsigmoid(z)
+        return g[:, :, None, None] if self.channel_dim == 1 else g[:, None, None, :]
+
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel gate, shaped to broadcast against ``x``."""
-        z = self.fc2(self.act(self.fc1(self._pool(x))))
-        g = torch.sigmoid(z) if self.gate_fn == "sigmoid" else F.hardsigmoid(z)
-        if self.gate_scale != 1.0:
-            g = g * self.gate_scale
-        if self.channel_dim == -1:
-            g = g.permute(0, 2, 3, 1)
-        return g
+        g = self._excite(x)
+        return g * self.gate_scale if self.gate_scale != 1.0 else g
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        g = self.gate(x)
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
         if skip is None:
-            return x * g
-        return torch.addcmul(skip, x, g)
+            return x * self.gate(x)
+        # skip + x * gate_scale * g in one pass; gate_scale (2 for identity init) rides
+        # on addcmul's ``value``: 2 * x * 0.5 is exactly x, so identity init stays exact.
+        g = self._excite(x)
+        if (inplace and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing()):
+            # The branch is a fresh conv/norm output that only this join reads (decided at
+            # insertion) and no autograd needs it: write the result there (no new activation).
+            return torch.addcmul(skip, x, g, value=self.gate_scale, out=x)
+        return torch.addcmul(skip, x, g, value=self.gate_scale)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -30,6 +31,7 @@ _GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.nn.functional.
 _GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
 _POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.mean, torch.amax}
 _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_EXPAND_NAMES = {"expand", "expand_as", "broadcast_to"}
 # Channel-attention blocks users already have, by class name (torchvision, timm, common code).
 ATTENTION_CLASSES = frozenset({
     "SqueezeExcitation", "SEModule", "SqueezeExcite", "SqueezeExciteCl", "EffectiveSEModule",
@@ -172,6 +174,16 @@ class _RegionView:
         self.region = region
         self.order = {n: i for i, n in enumerate(region.graph.nodes)}
         self._axis: dict[fx.Node, int | None] = {}
+        self._from_input: dict[fx.Node, bool] | None = None
+
+    def from_input(self, n: fx.Node) -> bool:
+        """Whether a placeholder is ``n`` or among its tensor ancestors (one pass, memoised)."""
+        if self._from_input is None:
+            reach: dict[fx.Node, bool] = {}
+            for m in self.region.graph.nodes:  # topological order
+                reach[m] = m.op == "placeholder" or any(reach.get(a, False) for a in _tensor_inputs(m))
+            self._from_input = reach
+        return self._from_input[n]
 
     def module(self, n: fx.Node) -> nn.Module | None:
         try:
@@ -257,15 +269,36 @@ class _RegionView:
         return None
 
     def is_gate_mul(self, n: fx.Node) -> bool:
-        """``x * gate`` where the gate is a sigmoid of a pooled map (SE, ECA and kin)."""
+        """``x * gate`` where the gate is a sigmoid of a spatially pooled map (SE, ECA and kin).
+
+        The gate must be computed from a channel descriptor: walking back from the
+        operand (through an ``expand``/``expand_as``), only through tensors smaller than
+        the product, a gate function is met and, before it, a pool that leaves at most
+        one dimension (the channels) per sample. Swish (``x * sigmoid(x)``) and spatial
+        gates (``x * sigmoid(conv(x))``, shape N x 1 x H x W) are not channel attention.
+        """
         name = n.target if n.op == "call_method" else n.target if n.op == "call_function" else None
         if name not in (operator.mul, operator.imul, torch.mul, "mul", "mul_"):
             return False
+        out = _shape(n)
+        if out is None or len(out) != 4:
+            return False
+        full = math.prod(out[1:])
+
+        def small(a: fx.Node) -> bool:
+            shape = _shape(a)
+            return shape is not None and len(shape) >= 1 and math.prod(shape[1:]) < full
+
         for operand in _tensor_inputs(n):
-            frontier, steps, saw_gate = [operand], 0, False
-            while frontier and steps < 8:
+            if operand.op in ("call_method", "call_function") and _callable_name(operand) in _EXPAND_NAMES:
+                operand = operand.args[0] if operand.args and isinstance(operand.args[0], fx.Node) else operand
+            frontier, seen = [(operand, False)], set()
+            for _ in range(12):
                 nxt = []
-                for a in frontier:
+                for a, saw_gate in frontier:
+                    if not small(a) or (a, saw_gate) in seen:
+                        continue
+                    seen.add((a, saw_gate))
                     m = self.module(a) if a.op == "call_module" else None
                     if (a.op == "call_function" and a.target in _GATE_FUNCTIONS) or isinstance(m, _GATE_MODULES) or (
                         a.op == "call_method" and a.target in ("sigmoid", "sigmoid_")
@@ -274,11 +307,15 @@ class _RegionView:
                     pooled = (a.op == "call_function" and a.target in _POOL_FUNCTIONS) or isinstance(m, _POOL_MODULES) or (
                         a.op == "call_method" and a.target in ("mean", "amax")
                     )
-                    if saw_gate and pooled:
+                    if saw_gate and pooled and sum(d > 1 for d in _shape(a)[1:]) <= 1:
                         return True
-                    nxt.extend(_tensor_inputs(a))
-                frontier, steps = nxt, steps + 1
+                    nxt.extend((b, saw_gate) for b in _tensor_inputs(a))
+                frontier = nxt
         return False
+
+
+def _callable_name(n: fx.Node) -> str:
+    return n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
 
 
 def _ordered(region: Region) -> Iterator[tuple[Region, fx.Node]]:
@@ -309,7 +346,7 @@ def _residual(view: _RegionView, n: fx.Node) -> tuple[dict | None, str | None]:
     anc = [_ancestors(o) | {o} for o in operands]
     common = [c for c in anc[0] & anc[1] if c.op not in ("get_attr",)]
     # A common point must carry data from the block's input, not only from parameters.
-    common = [c for c in common if any(a.op == "placeholder" for a in _ancestors(c) | {c})]
+    common = [c for c in common if view.from_input(c)]
     if not common:
         return None, "the operands share no common input (two unrelated tensors)"
     fork = max(common, key=view.order.__getitem__)
@@ -384,7 +421,7 @@ def discover(model: nn.Module, input_size=None) -> Discovery:
     size = resolve_input_size(model, input_size)
     tracing: Tracing = trace_regions(model)
     failed = propagate_shapes(model, tracing, size)
-    untraced = list(tracing.untraced) + [(p, f"shapes unknown: {r}") for p, r in failed.items() if p != "<model>" or not tracing.regions]
+    untraced = list(tracing.untraced) + [(p, f"shapes unknown: {r}") for p, r in failed.items()]
     found: list[dict] = []
     rejected: list[tuple[str, str]] = []
     counters: dict[str, int] = {}
@@ -395,8 +432,8 @@ def discover(model: nn.Module, input_size=None) -> Discovery:
             view = views.setdefault(id(reg), _RegionView(reg))
             if n.op in ("call_function", "call_method") and view.is_gate_mul(n):
                 gate_scopes.append(view.owner(n)[0])
-            if not is_join(n):
-                continue
+            if not is_join(n) or not n.meta.get("tensor"):
+                continue  # arithmetic on sizes (1 + H * W) is no join; apply counts the same way
             owner, owner_type = view.owner(n)
             index = counters.get(owner, 0)
             counters[owner] = index + 1

@@ -18,7 +18,8 @@ from torch import nn
 
 from .errors import TraceError
 
-__all__ = ["Region", "Tracing", "ScopeTracer", "trace_regions", "trace_local", "eval_mode"]
+__all__ = ["Region", "Tracing", "ScopeTracer", "trace_regions", "trace_local", "eval_mode", "TENSOR",
+           "call_skeleton", "concrete_args_for"]
 
 
 def _is_torch_nn(m: nn.Module) -> bool:
@@ -83,6 +84,9 @@ class Region:
     graph: fx.Graph
     # Leaves traced as regions of their own, by the call_module target inside this graph.
     children: dict[str, "Region"] = field(default_factory=dict)
+    # Tensor constants the graph reads (get_attr _tensor_constant0 ...): fx sets them on
+    # the traced module, where discovery must not leave them; they are kept here instead.
+    constants: dict = field(default_factory=dict)
 
     def qualify(self, local_path: str) -> str:
         """Dotted path in the whole model of a path local to this region."""
@@ -114,26 +118,62 @@ def _short(err: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
+
+
+def _plain_state(m: nn.Module) -> dict:
+    """A module's own attributes (not its parameters, buffers, children or hooks), with
+    the contents of dicts and lists, which forwards use as caches."""
+    return {k: (v, dict(v) if type(v) is dict else list(v) if type(v) is list else None)
+            for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
+
+
+def _restore_plain(m: nn.Module, state: dict) -> None:
+    for k in [k for k in m.__dict__ if k not in _MODULE_INTERNALS and k not in state]:
+        del m.__dict__[k]
+    for k, (v, contents) in state.items():
+        m.__dict__[k] = v
+        # By identity: == on values that are tensors would compare them elementwise.
+        if type(v) is dict and (len(v) != len(contents) or any(v.get(key, v) is not x for key, x in contents.items())):
+            v.clear()
+            v.update(contents)
+        elif type(v) is list and (len(v) != len(contents) or any(a is not b for a, b in zip(v, contents))):
+            v[:] = contents
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """Put every module in eval mode and restore each one's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
+    """Put every module in eval mode; restore each one's own flag afterwards.
+
+    Also restores every module's plain attributes: a forward run on fake tensors must
+    leave nothing behind, such as timm's ``attention_bias_cache`` holding a fake tensor.
+    """
+    flags = [(m, m.training, _plain_state(m)) for m in model.modules()]
     try:
         model.eval()
         yield model
     finally:
-        for m, flag in flags:
+        for m, flag, state in flags:
             m.training = flag
+            _restore_plain(m, state)
 
 
-def _trace_one(module: nn.Module, leaves, fns) -> fx.Graph:
+def _trace_one(module: nn.Module, leaves, fns, concrete_args=None) -> tuple[fx.Graph, dict]:
+    """The graph, and the tensor constants fx attached to ``module`` for it (taken off again)."""
+    before = set(module.__dict__)
     tracer = ScopeTracer(leaves, fns)
-    return tracer.trace(module)
+    try:
+        graph = tracer.trace(module, concrete_args=concrete_args)
+    finally:
+        added = {k: module.__dict__.pop(k) for k in set(module.__dict__) - before}
+    return graph, added
 
 
 def _trace_tree(path: str, module: nn.Module, leaves, fns, untraced) -> list[Region]:
     try:
-        graph = _trace_one(module, leaves, fns)
+        # The model itself is called as model(x): its other arguments keep their defaults.
+        concrete = None if path else concrete_args_for(module, path, [((TENSOR,), ())])
+        graph, constants = _trace_one(module, leaves, fns, concrete)
     except Exception as e:  # fx raises many types: TraceError, TypeError, AttributeError...
         untraced.append((path or "<model>", _short(e)))
         out = []
@@ -142,7 +182,7 @@ def _trace_tree(path: str, module: nn.Module, leaves, fns, untraced) -> list[Reg
                 continue  # torch.nn layers hold no joins of their own
             out.extend(_trace_tree(f"{path}.{name}" if path else name, child, leaves, fns, untraced))
         return out
-    region = Region(path, module, graph)
+    region = Region(path, module, graph, constants=constants)
     _trace_custom_leaves(region, leaves, fns, untraced)
     return [region]
 
@@ -187,11 +227,79 @@ def trace_regions(model: nn.Module) -> Tracing:
     return Tracing(regions, untraced)
 
 
-def trace_local(module: nn.Module, path: str) -> fx.Graph:
-    """Trace only ``module``'s own forward, every child kept as a call_module leaf."""
+class _Tensor:
+    """Stands for a tensor in the record of how a module was called."""
+
+    def __repr__(self) -> str:
+        return "Tensor"
+
+
+TENSOR = _Tensor()
+SIZE = "<int>"  # stands for an int inside a list or tuple argument (a size)
+
+
+def call_skeleton(args: tuple, kwargs: dict) -> tuple:
+    """A module call's arguments with tensors replaced by :data:`TENSOR` (comparable, no data)."""
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            return TENSOR
+        if type(v) in (list, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
+            return type(v)(TENSOR for _ in v)
+        if type(v) in (list, tuple) and v and all(type(t) is int for t in v):
+            return type(v)(SIZE for _ in v)  # sizes such as (H, W): kept symbolic, never baked in
+        return v if v is None or isinstance(v, (bool, int, float, str)) else type(v).__name__
+    return tuple(one(a) for a in args), tuple(sorted((k, one(v)) for k, v in kwargs.items()))
+
+
+def concrete_args_for(module: nn.Module, path: str, calls: list[tuple] | None) -> dict | None:
+    """fx ``concrete_args`` that make a block's own trace follow how the model calls it.
+
+    Traced on its own, a block sees every argument as a tensor proxy. A block called
+    as ``block(x)`` whose forward does ``if shortcut is None: shortcut = x`` would then
+    be traced down the other path, and a block called with a list of tensors would
+    fail on ``x[i] = ...``. Arguments that are ``None`` in the model's calls are fixed
+    to ``None``; lists and tuples of tensors or of ints (sizes) become one placeholder
+    per element, so a size stays an input and the graph works at every size.
+    """
+    import inspect
+
+    from torch.fx._symbolic_trace import PH
+
+    if not calls:
+        return None
+    if len(set(map(repr, calls))) > 1:
+        raise TraceError(
+            f"cannot rewrite {path or '<model>'} ({type(module).__name__}): the model calls it in "
+            f"{len(set(map(repr, calls)))} different ways, which one fx graph cannot express"
+        )
+    args, kwargs = calls[0]  # call skeletons (see call_skeleton)
+    sig = inspect.signature(module.forward)
+    try:
+        bound = sig.bind(*args, **dict(kwargs))
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    out = {}
+    for name, param in sig.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or name not in bound.arguments:
+            continue
+        v = bound.arguments[name]
+        if v is None:
+            out[name] = None
+        elif type(v) in (list, tuple) and all(a is TENSOR or a == SIZE for a in v):
+            out[name] = type(v)(PH for _ in v)
+    return out or None
+
+
+def trace_local(module: nn.Module, path: str, concrete_args: dict | None = None) -> fx.Graph:
+    """Trace only ``module``'s own forward, every child kept as a call_module leaf.
+
+    ``concrete_args`` (see :func:`concrete_args_for`) fixes arguments to how the model
+    really calls the module.
+    """
     tracer = ScopeTracer(all_children_leaves=True, autowrap_functions=_timm_registries(module)[1])
     try:
-        return tracer.trace(module)
+        return tracer.trace(module, concrete_args=concrete_args)
     except Exception as e:
         raise TraceError(
             f"cannot trace the forward of {path or '<model>'} ({type(module).__name__}) "

@@ -64,7 +64,9 @@ def test_weights_file(tmp_path, capsys):
     assert main(["sites", "resnet18", "--weights", str(tmp_path / "nope.pt")]) == 2
     assert capsys.readouterr().err.strip() == f"se-surgery: error: weights file '{tmp_path / 'nope.pt'}' not found"
     assert main(["sites", "resnet34", "--weights", str(path)]) == 2
-    assert capsys.readouterr().err.startswith(f"se-surgery: error: cannot load weights from {path}: RuntimeError")
+    assert capsys.readouterr().err.strip() == (
+        f"se-surgery: error: cannot load weights from {path}: they do not fit ResNet: 96 missing key(s) "
+        "['layer1.2.conv1.weight', 'layer1.2.bn1.weight', 'layer1.2.bn1.bias']")
 
 
 def test_console_script_runs():

@@ -1,0 +1,411 @@
+"""Bad input: every mistake a user can make gets one clear error, and the model is untouched.
+
+Each row of ``CASES`` is (id, call, error class, message pattern, model factory). ``call``
+gets the model and a temporary folder and makes the bad call; the test pins the error
+class and its message, then checks that the model's state_dict, module objects and
+training flags are exactly what they were.
+"""
+
+import math
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+import torchvision
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+from torch import nn
+
+import se_surgery
+from se_surgery import (AlreadyPatchedError, CheckpointError, MissingFileError, ModelTypeError, PlanError,
+                        RuleError, TraceError)
+from se_surgery.cli import load_weights, main
+from se_surgery.rules import OPTION_KEYS, RULE_KEYS, SELECT_KEYS, TOP_KEYS, Rules
+
+ALLOWED_VARIANTS = "standard, pre, post, identity"
+
+
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18()  # left in train mode: discovery must not flip it
+
+
+def plain_cnn():
+    """No residual or concat join anywhere."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+class Fire(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.squeeze = nn.Conv2d(8, 4, 1)
+        self.a = nn.Conv2d(4, 8, 1)
+        self.b = nn.Conv2d(4, 8, 3, padding=1)
+
+    def forward(self, x):
+        s = self.squeeze(x)
+        return torch.cat([self.a(s), self.b(s)], 1)
+
+
+def concat_only():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 1), Fire())
+
+
+def patched_resnet18():
+    return se_surgery.apply(resnet18(), "late_stages")
+
+
+def _rules_file(tmp, text, name="rules.yaml"):
+    path = tmp / name
+    path.write_text(text)
+    return str(path)
+
+
+def apply_yaml(text):
+    def call(model, tmp):
+        return se_surgery.apply(model, _rules_file(tmp, text))
+    return call
+
+
+def apply_rules(rules, **kw):
+    def call(model, tmp):
+        return se_surgery.apply(model, rules, **kw)
+    return call
+
+
+def _truncated(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def weights_truncated(model, tmp):
+    path = tmp / "w.safetensors"
+    save_file(dict(model.state_dict()), str(path))
+    load_weights(model, str(_truncated(path)))
+
+
+def weights_of_other_model(model, tmp):
+    path = tmp / "resnet34.safetensors"
+    save_file(dict(torchvision.models.resnet34().state_dict()), str(path))
+    load_weights(model, str(path))  # resnet18's keys are all there, with extra ones: nothing may be copied
+
+
+def weights_wrong_shape(model, tmp):
+    path = tmp / "ten_classes.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), str(path))
+    load_weights(model, str(path))
+
+
+def weights_not_a_state_dict(model, tmp):
+    path = tmp / "list.pt"
+    torch.save([torch.zeros(2)], str(path))
+    load_weights(model, str(path))
+
+
+def se_checkpoint_truncated(model, tmp):
+    path = tmp / "se.safetensors"
+    se_surgery.save_se(se_surgery.apply(model, "late_stages"), path)
+    se_surgery.load_se(model, _truncated(path))
+
+
+def se_checkpoint_not_ours(model, tmp):
+    path = tmp / "plain.safetensors"
+    save_file({"x": torch.zeros(3)}, str(path))
+    se_surgery.load_se(model, path)
+
+
+def se_checkpoint_other_model(model, tmp):
+    path = tmp / "se34.safetensors"
+    se_surgery.save_se(se_surgery.apply(torchvision.models.resnet34(), "late_stages"), path)
+    se_surgery.load_se(model, path)
+
+
+CASES = [
+    # ----- rules files
+    ("broken_yaml", apply_yaml("rules:\n  - select: {kind: residual\n"), RuleError,
+     r"^.*rules\.yaml:3: invalid YAML: expected ',' or '}', but got '<stream end>'$", resnet18),
+    ("python_object_tag", apply_yaml("rules:\n  - !!python/object/apply:os.system ['echo owned']\n"), RuleError,
+     r"rules\.yaml:2: invalid YAML: could not determine a constructor for the tag "
+     r"'tag:yaml.org,2002:python/object/apply:os.system' \(only plain YAML is read", resnet18),
+    ("empty_file", apply_yaml(""), RuleError,
+     r"rules\.yaml: the rules are empty; expected a mapping with 'rules:' \(a list\) and optional 'defaults:'$",
+     resnet18),
+    ("only_a_comment", apply_yaml("# nothing here\n"), RuleError, r"rules\.yaml: the rules are empty", resnet18),
+    ("top_level_list", apply_yaml("- select: {kind: residual}\n"), RuleError,
+     r"rules\.yaml:1: expected a mapping with keys defaults, rules, got list$", resnet18),
+    ("unknown_top_key", apply_yaml("rule:\n  - select: {kind: residual}\n"), RuleError,
+     r"rules\.yaml:1: key 'rule': unknown top-level key 'rule' \(did you mean 'rules'\?\); allowed: defaults, rules$",
+     resnet18),
+    ("missing_rules_key", apply_yaml("defaults: {ratio: 8}\n"), RuleError,
+     r"rules\.yaml:1: missing key 'rules' \(a list of rules, each with 'select:'\)$", resnet18),
+    ("rules_not_a_list", apply_yaml("rules:\n  select: {kind: residual}\n"), RuleError,
+     r"rules\.yaml:1: key 'rules': rules must be a list of mappings, got dict$", resnet18),
+    ("rules_empty_list", apply_yaml("rules: []\n"), RuleError,
+     r"rules\.yaml:1: key 'rules': rules is an empty list; add at least one rule", resnet18),
+    ("unknown_select_key", apply_yaml("rules:\n  - select: {stages: [-1]}\n"), RuleError,
+     r"rules\.yaml:2: rule 0, key 'stages': unknown select key 'stages' \(did you mean 'stage'\?\); "
+     r"allowed: kind, stage, block, name, min_channels, max_channels, has_attention$", resnet18),
+    ("unknown_rule_key", apply_yaml("rules:\n  - select: {kind: residual}\n    ration: 8\n"), RuleError,
+     r"rules\.yaml:3: rule 0, key 'ration': unknown rule key 'ration' \(did you mean 'ratio'\?\)", resnet18),
+    ("unknown_defaults_key", apply_yaml("defaults: {varient: pre}\nrules: [{select: {}}]\n"), RuleError,
+     r"rules\.yaml:1: key 'defaults.varient': unknown defaults key 'varient' \(did you mean 'variant'\?\)",
+     resnet18),
+    ("ratio_wrong_type", apply_yaml("rules:\n  - select: {}\n    ratio: sixteen\n"), RuleError,
+     r"rules\.yaml:3: rule 0, key 'ratio': ratio must be a number > 0, got 'sixteen'$", resnet18),
+    ("ratio_zero", apply_yaml("defaults: {ratio: 0}\nrules: [{select: {}}]\n"), RuleError,
+     r"rules\.yaml:1: key 'defaults.ratio': ratio must be a number > 0, got 0$", resnet18),
+    ("ratio_negative", apply_rules({"rules": [{"select": {}, "ratio": -4}]}), RuleError,
+     r"^<dict>: rule 0, key 'ratio': ratio must be a number > 0, got -4$", resnet18),
+    ("ratio_nan", apply_yaml("rules:\n  - select: {}\n    ratio: .nan\n"), RuleError,
+     r"ratio must be a number > 0, got nan$", resnet18),
+    ("ratio_bool", apply_rules({"rules": [{"select": {}, "ratio": True}]}), RuleError,
+     r"ratio must be a number > 0, got True$", resnet18),
+    ("divisor_zero", apply_rules({"defaults": {"divisor": 0}, "rules": [{"select": {}}]}), RuleError,
+     r"key 'defaults.divisor': divisor must be an integer >= 1, got 0$", resnet18),
+    ("unknown_variant", apply_yaml("defaults: {variant: middle}\nrules: [{select: {}}]\n"), RuleError,
+     rf"key 'defaults.variant': variant must be one of {ALLOWED_VARIANTS}, got 'middle'$", resnet18),
+    ("unknown_gate", apply_rules({"rules": [{"select": {}, "gate": "relu"}]}), RuleError,
+     r"rule 0, key 'gate': gate must be one of sigmoid, hard_sigmoid, got 'relu'$", resnet18),
+    ("unknown_kind", apply_rules({"rules": [{"select": {"kind": "attention"}}]}), RuleError,
+     r"rule 0, key 'kind': kind must be one of residual, concat, got 'attention'$", resnet18),
+    ("stage_zero", apply_yaml("rules:\n  - select: {stage: 0}\n"), RuleError,
+     r"rules\.yaml:2: rule 0, key 'stage': stage must be a non-zero integer or a list of them", resnet18),
+    ("stage_float", apply_rules({"rules": [{"select": {"stage": [1, 2.5]}}]}), RuleError,
+     r"rule 0, key 'stage': stage must be a non-zero integer .*got \[1, 2\.5\]$", resnet18),
+    ("select_not_mapping", apply_rules({"rules": [{"select": 5}]}), RuleError,
+     r"rule 0, key 'select': select must be a mapping of kind, stage, .*, got int$", resnet18),
+    ("name_empty_list", apply_rules({"rules": [{"select": {"name": []}}]}), RuleError,
+     r"rule 0, key 'name': name must be a glob string or a list of them, got \[\]$", resnet18),
+    ("has_attention_string", apply_rules({"rules": [{"select": {"has_attention": "yes"}}]}), RuleError,
+     r"rule 0, key 'has_attention': has_attention must be true or false, got 'yes'$", resnet18),
+    ("min_above_max", apply_rules({"rules": [{"select": {"min_channels": 512, "max_channels": 64}}]}), RuleError,
+     r"rule 0, key 'min_channels': min_channels 512 > max_channels 64$", resnet18),
+    ("skip_with_options", apply_rules({"rules": [{"select": {}, "skip": True, "ratio": 8}]}), RuleError,
+     r"rule 0, key 'ratio': a rule with skip: true takes no SE options$", resnet18),
+    ("bias_string", apply_rules({"rules": [{"select": {}, "bias": "yes"}]}), RuleError,
+     r"rule 0, key 'bias': bias must be true or false, got 'yes'$", resnet18),
+    ("duplicate_key", apply_yaml("rules:\n  - select: {kind: residual}\n    ratio: 8\n    ratio: 4\n"), RuleError,
+     r"rules\.yaml:4: invalid YAML: duplicate key 'ratio'; give each key once per mapping$", resnet18),
+    ("self_referencing_alias", apply_yaml("rules: &r\n  - select: {}\n  - *r\n"), RuleError,
+     r"rules\.yaml:\d: invalid YAML: an alias refers to the anchor it is inside of", resnet18),
+    ("rules_file_missing", apply_rules("no/such/rules.yaml"), MissingFileError,
+     r"^rules file 'no/such/rules\.yaml' not found, and it is not a preset name; presets: all_stages, inception,",
+     resnet18),
+    ("unknown_preset", apply_rules("late_stage"), MissingFileError,
+     r"^rules file 'late_stage' not found, and it is not a preset name", resnet18),
+    ("rules_wrong_type", apply_rules(42), RuleError,
+     r"^rules must be a path, a preset name \(all_stages, .*\), a dict, Rules or a list of Rule, got int$", resnet18),
+    ("rules_list_of_junk", apply_rules([1, 2]), RuleError,
+     r"^a list of rules must hold Rule objects or rule dicts$", resnet18),
+    # ----- rules that do not fit the model
+    ("stage_9_of_4", apply_yaml("rules:\n  - select: {stage: 9}\n"), PlanError,
+     r"rules\.yaml:2: rule 0, key 'stage': ResNet has no stage 9; it has 4 stage\(s\): 1\.\.4 or -4\.\.-1", resnet18),
+    ("stage_minus_5_of_4", apply_rules({"rules": [{"select": {"stage": -5}}]}), PlanError,
+     r"ResNet has no stage -5; it has 4 stage\(s\)", resnet18),
+    ("block_3_of_2", apply_rules({"rules": [{"select": {"stage": 1, "block": 3}}]}), PlanError,
+     r"rule 0, key 'block': no stage of ResNet it selects has a block 3; the longest has 2 \(1\.\.2 or -2\.\.-1\)$",
+     resnet18),
+    ("strict_rule_selects_nothing", apply_rules({"rules": [{"select": {"name": "layer9.*"}}]}, strict=True),
+     PlanError, r"^<dict>: rule 0 selects no site of ResNet \(8 sites; se-surgery sites MODEL lists them\)$",
+     resnet18),
+    ("variant_pre_at_concat", apply_rules({"defaults": {"variant": "pre"}, "rules": [{"select": {"kind": "concat"}}]}),
+     PlanError, r"variant 'pre' is not allowed at concat site\(s\) 1; concat sites allow only 'standard' "
+                r"\(add kind: residual to the rule's select\)$", concat_only),
+    # ----- models
+    ("model_is_a_string", lambda model, tmp: se_surgery.apply("resnet18"), ModelTypeError,
+     r"^model must be a torch\.nn\.Module, got str$", resnet18),
+    ("model_is_a_state_dict", lambda model, tmp: se_surgery.apply(model.state_dict()), ModelTypeError,
+     r"^model must be a torch\.nn\.Module, got OrderedDict$", resnet18),
+    ("model_is_a_class", lambda model, tmp: se_surgery.find_sites(torchvision.models.ResNet), ModelTypeError,
+     r"^model must be a torch\.nn\.Module, got type$", resnet18),
+    ("model_without_sites", apply_rules(None), PlanError,
+     r"^found no residual or concat join in Sequential: nothing to add SE to", plain_cnn),
+    ("already_patched", apply_rules("all_stages"), AlreadyPatchedError,
+     r"^ResNet already has 4 SE module\(s\) from se-surgery; call se_surgery\.strip\(model\) first", patched_resnet18),
+    ("input_size_string", apply_rules(None, input_size="224"), ModelTypeError,
+     r"^input_size must be an int or a \(C, H, W\) / \(H, W\) tuple, got '224'$", resnet18),
+    ("input_size_zero", apply_rules(None, input_size=(3, 0, 224)), ModelTypeError,
+     r"^input_size must hold positive ints, got \(3, 0, 224\)$", resnet18),
+    ("input_size_four_dims", apply_rules(None, input_size=(1, 3, 224, 224)), ModelTypeError,
+     r"^input_size must be an int or a \(C, H, W\) / \(H, W\) tuple, got \(1, 3, 224, 224\)$", resnet18),
+    # ----- weights and SE checkpoints
+    ("weights_missing", lambda model, tmp: load_weights(model, str(tmp / "nope.safetensors")), MissingFileError,
+     r"^weights file '.*nope\.safetensors' not found$", resnet18),
+    ("weights_truncated", weights_truncated, CheckpointError,
+     r"^cannot load weights from .*w\.safetensors: SafetensorError: ", resnet18),
+    ("weights_of_other_model", weights_of_other_model, CheckpointError,
+     r"resnet34\.safetensors: they do not fit ResNet: 96 unexpected key\(s\) \['layer1\.2\.", resnet18),
+    ("weights_wrong_shape", weights_wrong_shape, CheckpointError,
+     r"ten_classes\.pt: fc\.weight has shape \(10, 512\), ResNet needs \(1000, 512\)$", resnet18),
+    ("weights_not_a_state_dict", weights_not_a_state_dict, CheckpointError,
+     r"list\.pt: expected a state_dict \(names to tensors\), got list$", resnet18),
+    ("se_checkpoint_missing", lambda model, tmp: se_surgery.load_se(model, tmp / "se.safetensors"), MissingFileError,
+     r"^SE checkpoint '.*se\.safetensors' not found$", resnet18),
+    ("se_checkpoint_truncated", se_checkpoint_truncated, CheckpointError,
+     r"se\.safetensors: not a readable safetensors file \(", resnet18),
+    ("se_checkpoint_not_ours", se_checkpoint_not_ours, CheckpointError,
+     r"plain\.safetensors: not an se-surgery SE checkpoint \(metadata format None, expected 'se-surgery/1'\)", resnet18),
+    ("se_checkpoint_other_model", se_checkpoint_other_model, CheckpointError,
+     r"se34\.safetensors: site 'layer3\.2' \(residual, 256 channels\) is not in this ResNet \(8 sites", resnet18),
+]
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, id(m), type(m), m.training) for n, m in model.named_modules()])
+
+
+@pytest.mark.parametrize("call, error, pattern, make", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(tmp_path, call, error, pattern, make):
+    model = make()
+    state, modules = _snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(error, match=pattern) as info:
+            call(model, tmp_path)
+    assert type(info.value) is error  # the specific class, not a broader one
+    assert isinstance(info.value, se_surgery.SESurgeryError)
+    assert "\n" not in str(info.value)  # one line
+    now = model.state_dict()
+    assert list(now) == list(state)
+    for k, v in state.items():
+        assert torch.equal(now[k], v), k
+    assert [(n, id(m), type(m), m.training) for n, m in model.named_modules()] == modules
+
+
+def test_table_is_big_enough():
+    assert len(CASES) >= 20 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_errors_are_also_builtin_errors():
+    assert issubclass(RuleError, ValueError) and issubclass(PlanError, ValueError)
+    assert issubclass(ModelTypeError, TypeError) and issubclass(MissingFileError, FileNotFoundError)
+    assert issubclass(TraceError, ValueError) and issubclass(CheckpointError, ValueError)
+
+
+# --------------------------------------------------------------------------- the CLI: one line, exit 2
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["sites", "resnet18", "--weights", "{tmp}/missing.pt"], r"^se-surgery: error: weights file '.*missing\.pt' not found$"),
+    (["plan", "resnet18", "--rules", "{tmp}/bad.yaml"], r"^se-surgery: error: .*bad\.yaml:2: invalid YAML: expected ',' or '}'"),
+    (["check", "{tmp}/bad.yaml"], r"^se-surgery: error: .*bad\.yaml:2: invalid YAML: expected ',' or '}'"),
+    (["plan", "resnet18", "--rules", "{tmp}/stage9.yaml"], r"^se-surgery: error: .*stage9\.yaml:1: rule 0, key 'stage': "
+                                                           r"ResNet has no stage 9"),
+    (["sites", "tv:no_such_net"], r"^se-surgery: error: unknown model 'no_such_net' in torchvision"),
+])
+def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, argv, pattern):
+    (tmp_path / "bad.yaml").write_text("rules: [select: {kind: residual\n")
+    (tmp_path / "stage9.yaml").write_text("rules: [{select: {stage: 9}}]\n")
+    code = main([a.format(tmp=tmp_path) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and __import__("re").match(pattern, lines[0]), err
+
+
+# --------------------------------------------------------------------------- property-based: rule dicts
+
+_names = st.sampled_from(sorted(set(TOP_KEYS + RULE_KEYS + SELECT_KEYS + OPTION_KEYS)))
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.sampled_from([10 ** 400, -(10 ** 400), 2 ** 63]),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+    st.sampled_from(["standard", "pre", "post", "identity", "residual", "concat", "avg", "max", "avgmax",
+                     "sigmoid", "hard_sigmoid", "identity", "paper", "layer*", "*"]),
+    st.integers(min_value=-6, max_value=6),
+)
+_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4),
+    st.dictionaries(st.one_of(_names, st.text(max_size=6)), inner, max_size=4),
+), max_leaves=12)
+
+_select = st.dictionaries(st.sampled_from(SELECT_KEYS) | st.text(max_size=5), _values, max_size=4)
+_rule = st.dictionaries(st.sampled_from(RULE_KEYS) | st.text(max_size=5), _values | _select, max_size=4)
+_ints = st.integers(-5, 5) | st.lists(st.integers(-5, 5), max_size=3)
+_VALID = {  # a plausible value for each key, so that the near-valid dicts below often validate
+    "variant": st.sampled_from(["standard", "pre", "post", "identity"]),
+    "ratio": st.floats(0.01, 64) | st.integers(1, 64), "divisor": st.integers(1, 16), "min_hidden": st.integers(1, 8),
+    "init": st.sampled_from(["identity", "paper"]), "squeeze": st.sampled_from(["avg", "max", "avgmax"]),
+    "gate": st.sampled_from(["sigmoid", "hard_sigmoid"]), "bias": st.booleans(), "skip": st.booleans(),
+    "kind": st.sampled_from(["residual", "concat"]), "stage": _ints, "block": _ints,
+    "name": st.text(min_size=1, max_size=6) | st.lists(st.sampled_from(["layer*", "a", "*.2"]), max_size=2),
+    "min_channels": st.integers(0, 600), "max_channels": st.integers(0, 600), "has_attention": st.booleans(),
+}
+
+
+def _near(keys):
+    """Dicts over ``keys`` whose values are mostly plausible, sometimes junk."""
+    return st.dictionaries(st.sampled_from(keys), st.none(), max_size=4).flatmap(
+        lambda d: st.fixed_dictionaries({k: _VALID[k] | _scalars if k in _VALID else _scalars for k in d}))
+
+
+_near_rules = st.fixed_dictionaries(
+    {"rules": st.lists(st.builds(lambda sel, r: dict(r, select=sel), _near(SELECT_KEYS) | st.none(),
+                                 _near(("skip",) + OPTION_KEYS)), min_size=1, max_size=3)},
+    optional={"defaults": _near(OPTION_KEYS)})
+
+_rule_dicts = st.one_of(
+    _near_rules,
+    _values.filter(lambda v: not isinstance(v, str)),  # a string is a path or preset name
+    st.fixed_dictionaries({"rules": st.lists(_rule | _values, max_size=4)},
+                          optional={"defaults": st.dictionaries(st.sampled_from(OPTION_KEYS) | st.text(max_size=5),
+                                                                _values, max_size=4) | _values}),
+    st.dictionaries(_names | st.text(max_size=6), _values | st.lists(_rule, max_size=3), max_size=3),
+)
+
+
+def _validates_or_rule_error(source):
+    try:
+        rules = se_surgery.load_rules(source)
+    except RuleError as e:
+        assert str(e) and "\n" not in str(e)
+        return None
+    assert isinstance(rules, Rules)
+    for r in rules.rules:  # whatever validated is usable: options build, selectors match
+        opts = rules.defaults.to_dict()
+        opts.update(r.options)
+        assert opts["ratio"] > 0 and not (isinstance(opts["ratio"], float) and math.isnan(opts["ratio"]))
+        r.select.matches(se_surgery.Site("a", "residual", "a", "B", 1, 1, 64, (8, 8)), 4, {1: 2, 2: 2, 3: 2, 4: 2})
+    return rules
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_rule_dicts)
+def test_any_rule_dict_validates_or_raises_rule_error(data):
+    _validates_or_rule_error(data)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_rule_dicts)
+def test_any_rule_dict_as_yaml_validates_or_raises_rule_error(tmp_path_factory, data):
+    try:
+        text = yaml.safe_dump(data)
+    except yaml.YAMLError:
+        return
+    path = tmp_path_factory.mktemp("rules") / "rules.yaml"
+    path.write_text(text)
+    _validates_or_rule_error(str(path))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet=st.sampled_from(list("rules:-{}[]&*!#|>'\" \n\tselctkindagv0123456789.,?<")), max_size=80))
+def test_any_yaml_text_validates_or_raises_rule_error(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("rules") / "rules.yaml"
+    path.write_text(text)
+    _validates_or_rule_error(str(path))
+
+
+def test_valid_dicts_do_validate():
+    # The property above must not pass by rejecting everything.
+    for d in [{"rules": [{"select": {}}]},
+              {"defaults": {"ratio": 8.5, "variant": "pre"}, "rules": [{"select": {"stage": [-1, 2], "kind": "residual"}},
+                                                                       {"select": {"name": "layer4.*"}, "skip": True}]},
+              {"rules": [{"select": None, "ratio": 10 ** 40}]}]:
+        assert isinstance(_validates_or_rule_error(d), Rules)
+    assert isinstance(_validates_or_rule_error(OrderedDict(rules=[{"select": {"block": -1}}])), Rules)
