@@ -210,19 +210,14 @@ class _RegionView:
         shape = _shape(n)
         if shape is None or len(shape) != 4 or depth > 64:
             return None
+        own = self.layer_axis(n)
+        if own is not None:
+            return own
         if n.op == "call_module":
             m = self.module(n)
-            if isinstance(m, _CHANNEL_FIRST_MODULES):
-                return 1
-            if isinstance(m, nn.Linear) or (isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward):
-                return 3
             if m is not None and type(m).__module__.startswith("torch.nn") and not isinstance(m, nn.Sequential):
                 return self._follow_same_shape(n, depth)  # activations, dropout, identity
             return None
-        if n.op == "call_function" and n.target in _CHANNEL_FIRST_FUNCTIONS:
-            return 1
-        if n.op == "call_function" and n.target in _CHANNEL_LAST_FUNCTIONS:
-            return 3
         if n.op in ("call_function", "call_method"):
             name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
             if name == "permute":
@@ -245,19 +240,27 @@ class _RegionView:
             return self._follow_same_shape(n, depth)
         return None
 
+    def layer_axis(self, n: fx.Node) -> int | None:
+        """The channel axis a layer itself works on: 1 for convs and BN-like norms, 3 for
+        linear layers and LayerNorm over the last dim; None for anything else."""
+        if n.op == "call_module":
+            m = self.module(n)
+            if isinstance(m, _CHANNEL_FIRST_MODULES):
+                return 1
+            if isinstance(m, nn.Linear) or (isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward):
+                return 3
+        elif n.op == "call_function" and n.target in _CHANNEL_FIRST_FUNCTIONS:
+            return 1
+        elif n.op == "call_function" and n.target in _CHANNEL_LAST_FUNCTIONS:
+            return 3
+        return None
+
     def consumer_axis(self, n: fx.Node) -> int | None:
         """The channel axis of a 4-D node as its consumers read it (a norm or conv right after)."""
         for u in n.users:
-            if u.op == "call_module":
-                m = self.module(u)
-                if isinstance(m, _CHANNEL_FIRST_MODULES):
-                    return 1
-                if isinstance(m, nn.Linear) or (isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward):
-                    return 3
-            elif u.op == "call_function" and u.target in _CHANNEL_FIRST_FUNCTIONS:
-                return 1
-            elif u.op == "call_function" and u.target in _CHANNEL_LAST_FUNCTIONS:
-                return 3
+            axis = self.layer_axis(u)
+            if axis is not None:
+                return axis
         return None
 
     def _follow_same_shape(self, n: fx.Node, depth: int) -> int | None:
