@@ -154,13 +154,14 @@ def _local_graph(module: nn.Module, path: str, calls: list | None = None) -> fx.
 
 
 def build_owner(module: nn.Module, path: str, entries: list[PlannedSite], *, input_size=None,
-                rules=None, calls: list | None = None) -> fx.GraphModule:
+                rules=None, calls: list | None = None, device_dtype=None) -> fx.GraphModule:
     """A GraphModule computing ``module``'s forward with SE at the given sites.
 
     The result shares every child, parameter and buffer with ``module`` (same objects,
     same names, same order) and adds the SE modules after them. ``input_size`` and
     ``rules`` are the plan's; each SE module keeps them so that ``save_se`` can record
-    the surgery and ``load_se`` redo it at the same size.
+    the surgery and ``load_se`` redo it at the same size. SE modules are created on the
+    block's device and dtype (``device_dtype``, the model's, for a block without tensors).
     """
     flags = [(m, m.training) for m in module.modules()]
     try:
@@ -173,7 +174,7 @@ def build_owner(module: nn.Module, path: str, entries: list[PlannedSite], *, inp
     # calls the block, arithmetic on sizes (1 + H * W) is told apart from real joins.
     shaped = bool(calls) and annotate_call(module, graph, calls[0][1])
     joins = [n for n in graph.nodes if is_join(n) and (n.meta.get("tensor") or not shaped)]
-    device, dtype = model_device_dtype(module)
+    device, dtype = model_device_dtype(module, device_dtype)
     taken: set[str] = set()
     new_modules: dict[str, SqueezeExcite] = {}
     # A module the model calls several times (a shared block) performs its joins once per
@@ -332,10 +333,12 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
     built: dict[str, nn.Module] = {}
     owners = {owner: target.get_submodule(owner) if owner else target for owner in by_owner}
     calls = record_calls(target, owners, p.input_size)  # how the model calls each owner
+    device_dtype = model_device_dtype(target)
     for owner, entries in by_owner.items():
         module = owners[owner]
         try:
             built[owner] = build_owner(module, owner, entries, input_size=p.input_size, rules=p.rules,
+                                       device_dtype=device_dtype,
                                        calls=calls.get(owner))
         except TraceError as e:
             if strict:

@@ -9,6 +9,7 @@ join such as ``operator.add`` can be attributed to the block whose forward perfo
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -307,11 +308,15 @@ def trace_local(module: nn.Module, path: str, concrete_args: dict | None = None)
         ) from e
 
 
-def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of the model's first floating parameter or buffer."""
-    for t in list(model.parameters()) + list(model.buffers()):
+def model_device_dtype(model: nn.Module, fallback=None) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's first floating parameter or buffer.
+
+    A module without any (a parameter-free block) gets ``fallback``, else CPU and the
+    default dtype.
+    """
+    for t in itertools.chain(model.parameters(), model.buffers()):
         if t.is_floating_point():
             return t.device, t.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
+    return fallback or (torch.device("cpu"), torch.get_default_dtype())
 
 

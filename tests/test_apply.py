@@ -217,3 +217,18 @@ def test_se_module_dtype_device_follow_model():
     x = torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(model(x), base(x))
+
+
+class _ParamFree(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.relu(x)
+
+
+def test_se_in_a_parameter_free_block_takes_the_models_dtype():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _ParamFree(), torch.nn.Conv2d(8, 4, 1))
+    model = model.to(torch.bfloat16).eval()
+    out = se_surgery.apply(model, {"rules": [{"select": {}}]}, input_size=16)
+    assert out[1].se.fc1.weight.dtype == torch.bfloat16
+    x = torch.randn(1, 3, 16, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(out(x), model(x))
