@@ -13,7 +13,7 @@ from torch import nn
 from .errors import PlanError, SESurgeryWarning, TraceError
 from .plan import Plan, PlannedSite, plan as make_plan
 from .se import SqueezeExcite
-from .sites import is_add, is_cat, is_join
+from .sites import add_operands, is_add, is_cat, is_join
 from .shapes import annotate_call, record_calls
 from .trace import concrete_args_for, eval_mode, model_device_dtype, trace_local
 
@@ -65,13 +65,6 @@ def _se_name(owner: nn.Module, k: int, taken: set[str]) -> str:
     return name
 
 
-def _operands(n: fx.Node) -> list:
-    ops = list(n.args[:2])
-    if len(ops) < 2 and "other" in n.kwargs:
-        ops.append(n.kwargs["other"])
-    return ops
-
-
 _FRESH_OUTPUT = (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 
 
@@ -98,7 +91,7 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
             new = graph.call_module(se_name, (target,))
         target.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
         return
-    ops = _operands(node)
+    ops = add_operands(node)
     if len(ops) != 2 or not all(isinstance(o, fx.Node) for o in ops):
         raise TraceError(f"site {site.name}: the join in {site.owner_type}.forward no longer has two tensor operands")
     branch, skip = ops[site.branch_arg], ops[1 - site.branch_arg]

@@ -141,6 +141,14 @@ def is_cat(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in CAT_FUNCTIONS
 
 
+def add_operands(n: fx.Node) -> list:
+    """The two operands of an add node, wherever they were passed (``other=`` too)."""
+    ops = list(n.args[:2])
+    if len(ops) < 2 and n.kwargs.get("other") is not None:
+        ops.append(n.kwargs["other"])
+    return ops
+
+
 def is_join(n: fx.Node) -> bool:
     """Whether a node is an add or a concatenation (a candidate join)."""
     return is_add(n) or is_cat(n)
@@ -337,8 +345,7 @@ def _residual(view: _RegionView, n: fx.Node) -> tuple[dict | None, str | None]:
     """Classify an add node: the residual join's facts, or why it is not one."""
     if n.op == "call_function" and n.kwargs.get("alpha", 1) != 1:
         return None, "scaled add (alpha)"
-    operands = list(n.args[:2]) + [n.kwargs.get("other")] if len(n.args) < 2 else list(n.args[:2])
-    operands = [o for o in operands if o is not None]
+    operands = add_operands(n)
     out = _shape(n)
     if out is None or len(out) != 4:
         return None, None  # not a 4-D add: nothing to explain
