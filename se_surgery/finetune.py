@@ -226,12 +226,16 @@ def _parse_plan(path: Path, meta: dict) -> tuple[tuple | None, Rules | None, lis
     return (tuple(size) if size else None), rules, entries
 
 
-def _check_fit(path: Path, model: nn.Module, size, entries, tensors: dict[str, torch.Tensor]) -> None:
-    """Raise for the first way the checkpoint does not fit ``model``; change nothing."""
+def _check_fit(path: Path, model: nn.Module, size, entries, tensors: dict[str, torch.Tensor]):
+    """Raise for the first way the checkpoint does not fit ``model``; change nothing.
+
+    Returns the discovery, so that the surgery does not discover the sites again.
+    """
     from .sites import discover
 
     name = type(model).__name__
-    have = {s.name: s for s in discover(model, size).sites}
+    found = discover(model, size)
+    have = {s.name: s for s in found.sites}
     for _, e in entries:
         s, mine = e.site, have.get(e.site.name)
         if mine is None:
@@ -262,6 +266,7 @@ def _check_fit(path: Path, model: nn.Module, size, entries, tensors: dict[str, t
     extra = [k for k in tensors if k not in expected]
     if extra:
         raise CheckpointError(f"{path}: tensor {extra[0]!r} belongs to no SE module of the checkpoint's plan")
+    return found
 
 
 def _exact(name: str) -> str:
@@ -305,7 +310,7 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
     cls = _class_path(model)
     if cls != meta.get("model_class"):
         raise CheckpointError(f"{path}: made for a {meta.get('model_class')}, not a {cls}")
-    _check_fit(path, model, size, entries, tensors)
+    found = _check_fit(path, model, size, entries, tensors)
     site_rules = Rules(rules=tuple(Rule(Selector(name=(_exact(e.site.name),)), e.options.to_dict())
                                    for _, e in entries), source=f"{path} (saved plan)")
     with warnings.catch_warnings():
@@ -314,7 +319,7 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
         warnings.filterwarnings("error", category=SESurgeryWarning)
         warnings.filterwarnings("default", message=r"joins in .*forward itself", category=SESurgeryWarning)
         try:
-            out = apply(model, site_rules, input_size=size, inplace=inplace)
+            out = apply(model, site_rules, input_size=size, inplace=inplace, _discovery=found)
         except SESurgeryWarning as w:
             raise CheckpointError(f"{path}: cannot redo the surgery on this {type(model).__name__}: {w}") from None
     mods = dict(se_modules(out))

@@ -285,7 +285,8 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
                 parent._modules[name] = module
 
 
-def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False, inplace: bool = False) -> nn.Module:
+def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False, inplace: bool = False,
+          _discovery=None) -> nn.Module:
     """Insert SE modules into ``model`` where ``rules`` say, keeping every weight.
 
     The plan is resolved and validated in full first; the model is then copied (unless
@@ -313,7 +314,7 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
         >>> torch.equal(model(x), base(x))
         True
     """
-    p: Plan = make_plan(model, rules, input_size=input_size, strict=strict)
+    p: Plan = make_plan(model, rules, input_size=input_size, strict=strict, _discovery=_discovery)
     if not p.entries:
         raise PlanError(
             f"found no residual or concat join in {type(model).__name__}: nothing to add SE to "
