@@ -382,15 +382,20 @@ def runtime_rows(samples: dict[str, list[float]], extra: dict[str, list] | None 
     return rows
 
 
-def bench_runtime(args, device: torch.device) -> str:
-    import se_surgery
-
+def run_settings(args, device: torch.device):
+    """(cuda, batch, autocast dtype, channels_last, sync, calls per round) for a device."""
     cuda = device.type == "cuda"
     batch = args.batch or (64 if cuda else 8)
     amp = torch.bfloat16 if cuda else None
     cl = args.channels_last if args.channels_last is not None else cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    inner = 10 if cuda else 1
+    return cuda, batch, amp, cl, sync, 10 if cuda else 1
+
+
+def bench_runtime(args, device: torch.device) -> str:
+    import se_surgery
+
+    cuda, batch, amp, cl, sync, inner = run_settings(args, device)
     r_inf = (8 if args.quick else 20) if cuda else (4 if args.quick else 15)
     r_train = (5 if args.quick else 15) if cuda else (2 if args.quick else 8)
     setting = (f"{device.type.upper()} eager, batch {batch} at 224x224, "
@@ -483,12 +488,7 @@ def bench_runtime(args, device: torch.device) -> str:
 
 
 def bench_compile(args, device: torch.device) -> str:
-    cuda = device.type == "cuda"
-    batch = args.batch or (64 if cuda else 8)
-    amp = torch.bfloat16 if cuda else None
-    cl = args.channels_last if args.channels_last is not None else cuda
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    inner = 10 if cuda else 1
+    cuda, batch, amp, cl, sync, inner = run_settings(args, device)
     rounds = 6 if args.quick else (20 if cuda else 12)
     names = RUNTIME_CANDIDATES if args.compile_all else COMPILE_CANDIDATES
     torch._dynamo.reset()
