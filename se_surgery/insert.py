@@ -129,15 +129,11 @@ def _local_graph(module: nn.Module, path: str, calls: list | None = None) -> fx.
     """Trace the owner's own forward as the model calls it (``calls``, see
     :func:`~se_surgery.shapes.record_calls`); refuse owners whose forward depends on ``training``."""
     concrete = concrete_args_for(module, path, [c[0] for c in calls or ()])
-    was = module.training
-    try:
-        module.train(False)
-        graph = trace_local(module, path, concrete)
-        module.train(True)
-        other = trace_local(module, path, concrete)
-    finally:
-        module.train(was)
-        # train() recursed into the children: restore their own flags exactly.
+    # The caller holds eval_mode(module), which restores every module's own flag.
+    module.train(False)
+    graph = trace_local(module, path, concrete)
+    module.train(True)
+    other = trace_local(module, path, concrete)
     if graph.python_code("self").src != other.python_code("self").src:
         raise TraceError(
             f"cannot rewrite {path or '<model>'} ({type(module).__name__}): its forward takes different paths in "
@@ -156,13 +152,8 @@ def build_owner(module: nn.Module, path: str, entries: list[PlannedSite], *, inp
     the surgery and ``load_se`` redo it at the same size. SE modules are created on the
     block's device and dtype (``device_dtype``, the model's, for a block without tensors).
     """
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        with eval_mode(module):  # also undoes what tracing writes into attributes (caches)
-            graph = _local_graph(module, path, calls)
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with eval_mode(module):  # restores training flags and what tracing writes into attributes (caches)
+        graph = _local_graph(module, path, calls)
     # Count joins of tensors only, as discovery does: with shapes from how the model
     # calls the block, arithmetic on sizes (1 + H * W) is told apart from real joins.
     shaped = bool(calls) and annotate_call(module, graph, calls[0][1])
@@ -201,18 +192,18 @@ def build_owner(module: nn.Module, path: str, entries: list[PlannedSite], *, inp
         new_modules[name] = se
         _insert(graph, module, entry, node, name)
     graph.lint()
-    root = nn.Module()
-    root._modules = OrderedDict(module._modules)
-    root._modules.update(new_modules)
-    root._parameters = OrderedDict(module._parameters)
-    root._buffers = OrderedDict(module._buffers)
-    gm = SEGraphModule(root, graph, class_name=type(module).__name__)
     # Same children, parameters and buffers under the same names and order as the
-    # original, so every state_dict key and tensor is unchanged.
-    gm._modules = OrderedDict(module._modules)
-    gm._modules.update(new_modules)
-    gm._parameters = OrderedDict(module._parameters)
-    gm._buffers = OrderedDict(module._buffers)
+    # original, so every state_dict key and tensor is unchanged. GraphModule's own
+    # constructor keeps only what the graph uses, so the dicts are set again after it.
+    state = {
+        "_modules": OrderedDict(module._modules, **new_modules),
+        "_parameters": OrderedDict(module._parameters),
+        "_buffers": OrderedDict(module._buffers),
+    }
+    root = nn.Module()
+    root.__dict__.update(state)
+    gm = SEGraphModule(root, graph, class_name=type(module).__name__)
+    gm.__dict__.update(state)
     gm._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     gm.training = module.training
     for key, value in module.__dict__.items():
