@@ -19,10 +19,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import PlanError, TraceError
+from .fake import run_copy
 from .plan import is_patched, plan, se_modules
-from .shapes import fake_mode
 from .sites import resolve_input_size
-from .trace import eval_mode, model_device_dtype
+from .trace import short_error
 
 __all__ = ["Report", "SiteRow", "report", "se_macs", "se_params", "FOOTER", "FORMATS"]
 
@@ -166,25 +166,17 @@ class Report:
         return self.render("table")
 
 
-def _count(model: nn.Module, size: tuple[int, int, int], hooks_on=()) -> tuple[int, dict]:
-    """Flop-counted MACs of one fake forward, and the input shape seen by each hooked module."""
-    device, dtype = model_device_dtype(model)
-    seen: dict[int, tuple] = {}
+def _count(model: nn.Module, size: tuple[int, int, int], watch=()) -> tuple[int, dict]:
+    """Flop-counted MACs of one fake forward, and the input shape each watched module sees.
 
-    def record(mod, args):
-        seen.setdefault(id(mod), tuple(args[0].shape))
-
-    handles = [m.register_forward_pre_hook(record) for m in hooks_on]
+    The forward runs on a structural copy (fake tensors, no hooks): the user's model
+    runs nothing and keeps every attribute.
+    """
     try:
-        with eval_mode(model), torch.no_grad(), fake_mode():
-            x = torch.empty((1, *size), device=device, dtype=dtype)
-            with FlopCounterMode(display=False) as counter:
-                model(x)
+        with FlopCounterMode(display=False) as counter:
+            seen = run_copy(model, size, watch)
     except Exception as e:
-        raise TraceError(f"cannot count the MACs of {type(model).__name__} on fake tensors: {type(e).__name__}: {e}") from e
-    finally:
-        for h in handles:
-            h.remove()
+        raise TraceError(f"cannot count the MACs of {type(model).__name__} on fake tensors: {short_error(e)}") from e
     return int(counter.get_total_flops()) // 2, seen
 
 

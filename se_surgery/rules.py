@@ -31,9 +31,9 @@ from .se import GATES, INITS, SQUEEZES
 
 __all__ = ["SEOptions", "Selector", "Rule", "Rules", "load_rules", "preset_names", "VARIANTS", "KINDS"]
 
-VARIANTS = ("standard", "pre", "post", "identity")
-KINDS = ("residual", "concat")
-VARIANTS_BY_KIND = {"residual": VARIANTS, "concat": ("standard",)}
+VARIANTS = ("standard", "pre", "post", "identity", "inner")
+KINDS = ("residual", "branch_sum", "concat")
+VARIANTS_BY_KIND = {"residual": VARIANTS, "branch_sum": ("standard",), "concat": ("standard",)}
 TOP_KEYS = ("defaults", "rules")
 
 
@@ -41,7 +41,7 @@ TOP_KEYS = ("defaults", "rules")
 class SEOptions:
     """Options of one inserted SE module (the ``defaults`` block and rule overrides)."""
 
-    variant: str = "standard"  # standard | pre | post | identity
+    variant: str = "standard"  # standard | pre | post | identity | inner
     ratio: float = 16  # reduction ratio r: hidden = channels / ratio
     divisor: int = 1  # round hidden to a multiple of this (timm uses 8)
     min_hidden: int = 1  # lower bound on hidden before rounding
