@@ -498,11 +498,17 @@ def plot(records: list[dict], path: str | Path) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(tuple(r.get(k) for k in SETTING), []).append(r)
-    markers = itertools.cycle("osD^v<>Pp*Xh")
+    markers = itertools.cycle("osD^v<>PpXh")  # "*" is the baseline's
+    colors = itertools.cycle(plt.get_cmap("tab20").colors)
     for setting, rs in groups.items():
-        label = "baseline (no SE)" if setting[0] is None else " ".join(_fmt(v) for v in setting if v is not None)
-        ax.scatter([r["added_params"] for r in rs], [100 * r["accuracy"] for r in rs], label=label,
-                   marker="*" if setting[0] is None else next(markers), s=60 if setting[0] is None else 30)
+        rules, variant, ratio, module = setting
+        if rules is None:
+            label, marker, color = "baseline (no SE)", "*", "k"
+        else:
+            label = " ".join([rules, str(variant), f"r{_fmt(ratio)}"] + ([str(module)] if module != "se" else []))
+            marker, color = next(markers), next(colors)
+        ax.scatter([r["added_params"] for r in rs], [100 * r["accuracy"] for r in rs], label=label, marker=marker,
+                   color=color, s=70 if rules is None else 30, alpha=0.8, zorder=3)
     front = pareto_front((r["added_params"], 100 * r["accuracy"]) for r in records)
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, ls="--",
             label="Pareto front")
