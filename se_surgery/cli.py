@@ -281,10 +281,13 @@ def build_for_training(spec: str, num_classes: int, *, pretrained: bool = False)
 
 def _cmd_sweep(args) -> int:
     from . import sweep
-    from .train import load_base_weights, load_data
+    from .train import load_base_weights, load_data, seed_everything
 
     shard = sweep.parse_shard(args.trial)  # a bad --trial fails before any data or model is loaded
     data = load_data(args.data, args.input_size, workers=args.workers)
+    # The fresh head (and a base without weights) must be the same in every run and every
+    # shard: trial keys promise that a finished trial would come out the same again.
+    seed_everything(0)
     model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
     if args.weights:
         load_base_weights(model, args.weights, log=lambda m: print(m, file=sys.stderr))

@@ -120,6 +120,10 @@ def test_shards_cover_the_sweep_exactly_once(full, tmp_path):
     # Each shard also has the baseline of every seed it ran, so each file stands alone.
     for s in shards:
         assert sorted(r["seed"] for r in s if r["baseline"]) == sorted({r["seed"] for r in s})
+    # Seeded: a trial run again, in another shard, gets the same accuracy and SE weights' drift.
+    ran = {r["key"]: r for r in lines(out)}
+    assert all((r["correct"], r.get("fc2_max")) == (ran[r["key"]]["correct"], ran[r["key"]].get("fc2_max"))
+               for s in shards for r in s)
 
 
 def test_variant_override_wins_over_every_rule_but_skips():
