@@ -229,7 +229,11 @@ def read_results(path: str | Path) -> list[dict]:
 
 def _append(path: Path, record: dict) -> None:
     # A line cut by an earlier interruption must not swallow this one.
-    needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    needs_newline = False
+    if path.exists() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            needs_newline = f.read(1) != b"\n"
     with path.open("a") as f:
         f.write(("\n" if needs_newline else "") + json.dumps(record) + "\n")
         f.flush()
