@@ -26,8 +26,8 @@ from torch import nn
 
 from .errors import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError, SESurgeryWarning
 from .plan import PlannedSite, is_patched, se_modules
+from . import modules
 from .rules import Rule, Rules, SEOptions, Selector, load_rules
-from .se import SqueezeExcite
 from .sites import Site
 
 __all__ = ["se_parameters", "mark_only_se_trainable", "param_groups", "save_se", "load_se", "strip"]
@@ -177,7 +177,7 @@ def save_se(model: nn.Module, path: str | os.PathLike) -> None:
     size = sizes.pop()
     rules = getattr(mods[0][1], "se_rules", None)
     plan = [{"module": name, "site": se.se_site.to_dict(), "options": se.se_options.to_dict(),
-             "rule": se.se_rule, "hidden": se.hidden} for name, se in mods]
+             "rule": se.se_rule, "hidden": getattr(se, "hidden", None)} for name, se in mods]
     meta = {
         "format": FORMAT,
         "model_class": _class_path(model),
@@ -250,9 +250,8 @@ def _check_fit(path: Path, model: nn.Module, size, entries, tensors: dict[str, t
     for module, e in entries:
         o = e.options
         try:
-            se = SqueezeExcite(e.se_channels, o.ratio, divisor=o.divisor, min_hidden=o.min_hidden,
-                               squeeze=o.squeeze, gate=o.gate, init=o.init, bias=o.bias,
-                               channel_dim=e.site.channel_dim, device="meta")
+            se = modules.create(o.module, e.se_channels, o.module_options(), channel_dim=e.site.channel_dim,
+                                device="meta")
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: damaged options for site {e.site.name!r}: {err}") from None
         for k, v in se.state_dict().items():
@@ -311,7 +310,7 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
     if cls != meta.get("model_class"):
         raise CheckpointError(f"{path}: made for a {meta.get('model_class')}, not a {cls}")
     found = _check_fit(path, model, size, entries, tensors)
-    site_rules = Rules(rules=tuple(Rule(Selector(name=(_exact(e.site.name),)), e.options.to_dict())
+    site_rules = Rules(rules=tuple(Rule(Selector(name=(_exact(e.site.name),)), e.options.rule_options())
                                    for _, e in entries), source=f"{path} (saved plan)")
     with warnings.catch_warnings():
         # A block that cannot be rewritten is skipped with a warning by apply(), before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from collections import OrderedDict
 
@@ -10,6 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import modules
 from .errors import PlanError, SESurgeryWarning, TraceError
 from .plan import Plan, PlannedSite, plan as make_plan
 from .se import SqueezeExcite
@@ -80,7 +82,8 @@ def _private_fresh(branch: fx.Node, join: fx.Node, owner: nn.Module) -> bool:
     return type(m) in _FRESH_OUTPUT and not m._forward_hooks
 
 
-def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node, se_name: str) -> None:
+def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node, se_name: str,
+            se: nn.Module) -> None:
     site, variant = entry.site, entry.options.variant
     if site.kind == "concat" or variant == "post":
         target = node
@@ -95,10 +98,15 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
     if len(ops) != 2 or not all(isinstance(o, fx.Node) for o in ops):
         raise TraceError(f"site {site.name}: the join in {site.owner_type}.forward no longer has two tensor operands")
     branch, skip = ops[site.branch_arg], ops[1 - site.branch_arg]
-    if variant == "standard":
+    if variant == "standard" and not modules.supports_skip(se):  # a user's module: skip + module(branch)
+        with graph.inserting_before(node):
+            new = graph.call_function(operator.add, (skip, graph.call_module(se_name, (branch,))))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    elif variant == "standard":
         # One fused addcmul (skip + branch * gate) instead of a mul and an add; written
         # into the branch's own fresh tensor where nothing else can see it (inference).
-        kwargs = {"inplace": True} if _private_fresh(branch, node, owner) else {}
+        kwargs = {"inplace": True} if isinstance(se, SqueezeExcite) and _private_fresh(branch, node, owner) else {}
         with graph.inserting_before(node):
             new = graph.call_module(se_name, (branch, skip), kwargs)
         node.replace_all_uses_with(new)
@@ -160,7 +168,7 @@ def build_owner(module: nn.Module, path: str, entries: list[PlannedSite], *, inp
     joins = [n for n in graph.nodes if is_join(n) and (n.meta.get("tensor") or not shaped)]
     device, dtype = model_device_dtype(module, device_dtype)
     taken: set[str] = set()
-    new_modules: dict[str, SqueezeExcite] = {}
+    new_modules: dict[str, nn.Module] = {}
     # A module the model calls several times (a shared block) performs its joins once per
     # call: discovery numbers them on across calls, one graph holds them once.
     n_calls = len(calls) if calls else 1
@@ -183,14 +191,13 @@ def build_owner(module: nn.Module, path: str, entries: list[PlannedSite], *, inp
                              f"is {node.format_node()}, not a {site.kind}")
         name = _se_name(module, k, taken)
         o = entry.options
-        se = SqueezeExcite(entry.se_channels, o.ratio, divisor=o.divisor, min_hidden=o.min_hidden,
-                           squeeze=o.squeeze, gate=o.gate, init=o.init, bias=o.bias,
-                           channel_dim=site.channel_dim, device=device, dtype=dtype)
+        se = modules.create(o.module, entry.se_channels, o.module_options(), channel_dim=site.channel_dim,
+                            device=device, dtype=dtype)
         se.train(module.training)
         se.se_site, se.se_options, se.se_rule = site, o, entry.rule
         se.se_input_size, se.se_rules = input_size, rules
         new_modules[name] = se
-        _insert(graph, module, entry, node, name)
+        _insert(graph, module, entry, node, name, se)
     graph.lint()
     # Same children, parameters and buffers under the same names and order as the
     # original, so every state_dict key and tensor is unchanged. GraphModule's own

@@ -9,16 +9,16 @@ from torch import nn
 
 from .errors import AlreadyPatchedError, ModelTypeError, PlanError
 from .errors import SESurgeryWarning
+from . import modules
 from .rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
-from .se import SqueezeExcite, hidden_channels
 from .sites import Discovery, Site, discover
 
 __all__ = ["Plan", "PlannedSite", "plan", "match", "is_patched", "se_modules"]
 
 
-def se_modules(model: nn.Module) -> list[tuple[str, SqueezeExcite]]:
-    """(dotted name, module) of every SE module se-surgery inserted into ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SqueezeExcite) and hasattr(m, "se_site")]
+def se_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(dotted name, module) of every SE (or other catalog) module se-surgery inserted into ``model``."""
+    return [(n, m) for n, m in model.named_modules() if "se_site" in m.__dict__]
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -53,8 +53,7 @@ class PlannedSite:
     def hidden(self) -> int | None:
         if self.options is None:
             return None
-        o = self.options
-        return hidden_channels(self.se_channels, o.ratio, o.divisor, o.min_hidden)
+        return modules.hidden(self.options.module, self.se_channels, self.options.module_options())
 
 
 @dataclass
@@ -79,7 +78,9 @@ class Plan:
             rows.append({
                 "site": s.name, "kind": s.kind, "stage": s.stage, "block": s.block, "channels": s.channels,
                 "se": "yes" if e.selected else "-", "variant": e.options.variant if e.options else "",
-                "ratio": e.options.ratio if e.options else "", "hidden": e.hidden or "",
+                "module": e.options.module if e.options else "",
+                "ratio": modules.resolve_options(e.options.module, e.options.module_options()).get("ratio", "")
+                if e.options else "", "hidden": e.hidden or "",
                 "rule": "" if e.rule is None else e.rule,
             })
         return rows
@@ -124,10 +125,10 @@ def match(rules: Rules, sites: list[Site]) -> list[PlannedSite]:
         if not chosen or rules.rules[chosen[-1]].skip:
             out.append(PlannedSite(s, False, None, chosen[-1] if chosen else None, chosen))
             continue
-        opts = rules.defaults.to_dict()
+        opts: SEOptions = rules.defaults
         for i in chosen:
-            opts.update(rules.rules[i].options)
-        out.append(PlannedSite(s, True, SEOptions(**opts), chosen[-1], chosen))
+            opts = opts.merged(rules.rules[i].options)
+        out.append(PlannedSite(s, True, opts.resolved(), chosen[-1], chosen))
     return out
 
 
