@@ -70,9 +70,13 @@ class SEOptions:
         object.__setattr__(self, "extra", tuple(sorted((str(k), v) for k, v in extra)))
 
     def to_dict(self) -> dict:
-        """All fields; ``SEOptions(**o.to_dict()) == o``."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["extra"] = dict(self.extra)
+        """The fields, ``SEOptions(**o.to_dict()) == o``; ``module`` and ``extra`` only when
+        set, so that SE-only plans and checkpoints read as they did before the catalog."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("module", "extra")}
+        if self.module != "se":
+            out["module"] = self.module
+        if self.extra:
+            out["extra"] = dict(self.extra)
         return out
 
     def module_options(self) -> dict:

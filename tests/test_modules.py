@@ -249,20 +249,20 @@ def test_seoptions_round_trips():
 
 @pytest.mark.parametrize("text, message", [
     ("rules:\n  - select: {}\n    module: eca\n    ratio: 8\n",
-     r"rules.yaml:4: rule 0, key 'ratio': module 'eca' takes no option 'ratio'; eca takes: kernel_size, gamma, "
-     r"beta, gate, init \('ratio' is an option of se, gc, cbam: set module: se\)$"),
+     (r"rules.yaml:4: rule 0, key 'ratio': module 'eca' takes no option 'ratio'; eca takes: kernel_size, gamma, "
+      r"beta, gate, init \('ratio' is an option of se, gc, cbam: set module: se\)$")),
     ("rules:\n  - select: {}\n    module: eca\n    kernal_size: 5\n",
-     r"rules.yaml:4: rule 0, key 'kernal_size': unknown rule key 'kernal_size' \(did you mean 'kernel_size'\?\); "
-     r"allowed: select, skip, variant, kernel_size, gamma, beta, gate, init, module$"),
+     (r"rules.yaml:4: rule 0, key 'kernal_size': unknown rule key 'kernal_size' \(did you mean 'kernel_size'\?\); "
+      r"allowed: select, skip, variant, kernel_size, gamma, beta, gate, init, module$")),
     ("defaults: {module: eca}\nrules:\n  - select: {}\n    kernel_size: 4\n",
-     r"rules.yaml:4: rule 0, key 'kernel_size': kernel_size must be an odd integer >= 1, or null \(from the channel "
-     r"count\), got 4$"),
+     (r"rules.yaml:4: rule 0, key 'kernel_size': kernel_size must be an odd integer >= 1, or null \(from the channel "
+      r"count\), got 4$")),
     ("rules:\n  - select: {}\n    module: ecca\n",
-     r"rules.yaml:3: rule 0, key 'module': unknown module 'ecca' \(did you mean 'eca'\?\); available: se, ese, eca, "
-     r"gc, cbam"),
+     (r"rules.yaml:3: rule 0, key 'module': unknown module 'ecca' \(did you mean 'eca'\?\); available: se, ese, eca, "
+      r"gc, cbam")),
     ("defaults: {module: gc, squeeze: max}\nrules: [{select: {}}]\n",
-     r"rules.yaml:1: key 'defaults.squeeze': module 'gc' takes no option 'squeeze'; gc takes: ratio, divisor, "
-     r"min_hidden, fuse, gate, init \('squeeze' is an option of se: set module: se\)$"),
+     (r"rules.yaml:1: key 'defaults.squeeze': module 'gc' takes no option 'squeeze'; gc takes: ratio, divisor, "
+      r"min_hidden, fuse, gate, init \('squeeze' is an option of se: set module: se\)$")),
 ])
 def test_option_errors_name_file_line_rule_key_and_what_the_module_takes(tmp_path, text, message):
     with pytest.raises(RuleError, match=message):
