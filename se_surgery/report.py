@@ -29,7 +29,8 @@ __all__ = ["Report", "SiteRow", "report", "se_macs", "se_params", "FOOTER", "FOR
 
 FOOTER = (
     "MACs = multiply-accumulates per image (the paper's GFLOPs): base from torch.utils.flop_counter / 2; "
-    "SE = its two FCs + 1 op per element for the squeeze + 1 for the scale."
+    "SE = its two FCs + 1 op per element for the squeeze + 1 for the scale; other modules: their FC/conv MACs + "
+    "1 op per element per pool and per scale (docs/modules.md)."
 )
 FORMATS = ("table", "markdown", "json", "csv")
 

@@ -400,3 +400,24 @@ def test_save_load_strip_with_catalog_modules(tmp_path):
         assert torch.equal(again(x), tuned(x))
         assert torch.equal(se_surgery.strip(again)(x), base(x))
     assert type(again.layer4[0].se).__name__ == "GlobalContext" and again.layer4[0].se.hidden == 128
+
+
+def test_cli_compare_puts_modules_side_by_side(tmp_path, capsys):
+    from se_surgery.cli import main
+
+    files = []
+    for m in ("eca", "gc"):
+        files += ["--rules", _write_named(tmp_path, f"{m}.yaml", f"defaults: {{module: {m}}}\nrules: [{{select: {{}}}}]\n")]
+    assert main(["report", "resnet18", "--input-size", "64", "--rules", "all_stages", *files]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(ln for ln in lines if ln.split()[:3] == ["se", "eca", "gc"])
+    params = next(ln for ln in lines if ln.startswith("added params")).split()[2:]
+    assert head and params[1] == "36"  # eca: k = 3 at 64 channels, 5 at 128, 256 and 512; two blocks each
+    assert main(["report", "resnet18", "--input-size", "64", "--rules", "all_stages", "--rules", "late_stages"]) == 0
+    assert any(ln.startswith("preset late_stages") for ln in capsys.readouterr().out.splitlines())  # one module: rows
+
+
+def _write_named(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
