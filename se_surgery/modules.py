@@ -457,7 +457,7 @@ def count_params(module_name: str, channels: int, options: dict) -> int:
         [8464, 65792, 5, 16993, 8292]
     """
     spec = _registry().get(module_name)
-    if spec.params is not None and _registry().user.get(module_name) is None:
+    if spec.params is not None:  # a built-in (a registration under its name has no formulas)
         return int(spec.params(channels, resolve_options(module_name, validate_options(module_name, options))))
     module = create(module_name, channels, options, device="meta")
     return sum(p.numel() for p in module.parameters())
@@ -483,7 +483,7 @@ def count_macs(module_name: str, channels: int, spatial: tuple[int, int], option
 def _macs(module_name: str, channels: int, spatial, options: dict) -> tuple[int, int]:
     spec = _registry().get(module_name)
     h, w = int(spatial[0]), int(spatial[1])
-    if spec.macs is not None and _registry().user.get(module_name) is None:
+    if spec.macs is not None:
         weight, ops = spec.macs(channels, (h, w), resolve_options(module_name, validate_options(module_name, options)))
         return int(weight), int(ops)
     import torch
