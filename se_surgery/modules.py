@@ -73,7 +73,8 @@ _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*\Z")
 
 
 def _is_number(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    # ints are finite by construction (and may be too large for math.isfinite)
+    return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)))
 
 
 def _is_int(v) -> bool:

@@ -88,8 +88,8 @@ class SEOptions:
             >>> SEOptions(module="eca", extra={"kernel_size": 5}).module_options()
             {'kernel_size': 5}
         """
-        if self.module == "se":
-            return {k: getattr(self, k) for k in SE_KEYS}
+        if self.module == "se":  # a registration that replaced se gets the SE fields it takes
+            return {k: getattr(self, k) for k in SE_KEYS if modules.accepts("se", k)}
         return dict(self.extra)
 
     def rule_options(self) -> dict:
