@@ -16,6 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import se_surgery
 from se_surgery import modules
 from se_surgery.errors import ModuleError, RuleError
+from se_surgery.plan import se_modules
+from se_surgery.report import se_macs
 from se_surgery.rules import SEOptions, load_rules
 
 BUILTINS = ("se", "ese", "eca", "gc", "cbam")
@@ -155,7 +157,7 @@ def test_macs_by_hand():
     assert modules.count_macs("eca", 64, (8, 8), {}) == 3 * 64 + e + e  # k = 3
     assert modules.count_macs("gc", 64, (8, 8), {}) == e + e + 2 * 64 * 8 + e  # hidden 8
     assert modules.count_macs("cbam", 64, (8, 8), {}) == 2 * e + 4 * 64 * 4 + e + 2 * e + 2 * 49 * p + e
-    assert modules.count_macs("se", 256, (56, 56), {}) == se_surgery.report.__globals__["se_macs"](256, 16, (56, 56))
+    assert modules.count_macs("se", 256, (56, 56), {}) == se_macs(256, 16, (56, 56))
 
 
 @pytest.mark.parametrize("channel_dim", [1, -1], ids=["nchw", "channels_last"])
@@ -448,3 +450,23 @@ def test_docs_own_module_example_runs_and_is_the_identity(registry):
     patched, x = scope["model"], torch.randn(1, 3, 64, 64)
     assert type(patched.layer1[0].se).__name__ == "Gate" and patched.layer1[0].se.scale == 2.0
     assert torch.equal(patched(x), base(x))
+
+
+@pytest.fixture(scope="module")
+def swin():
+    import torchvision
+
+    model, x = torchvision.models.swin_t().eval(), torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        return model, x, model(x)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_channels_last_model_is_unchanged_at_insertion(swin, name):
+    """torchvision Swin joins (N, H, W, C) maps: every module must scale the last axis."""
+    model, x, want = swin
+    patched = _apply_quiet(model, {"defaults": {"module": name}, "rules": [{"select": {"stage": -1}}]})
+    inserted = [m for _, m in se_modules(patched)]
+    assert len(inserted) == 4 and all(m.channel_dim == -1 for m in inserted)
+    with torch.no_grad():
+        assert torch.equal(patched(x), want)
