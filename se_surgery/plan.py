@@ -216,6 +216,10 @@ def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False,
             if strict:
                 raise PlanError(msg)
             notes.append(msg)
+    for msg in rules.unused_options((e.matched, e.options.module) for e in entries if e.selected):
+        if strict:
+            raise PlanError(msg)
+        notes.append(msg)
     if d.untraced:
         listed = "; ".join(f"{p} ({why})" for p, why in d.untraced)
         if strict:

@@ -20,7 +20,8 @@ resolves by the same order. The resolved module is built from the options writte
 to it, and options nobody wrote take the module's own defaults (``gc`` reduces by 8, not
 by the ``ratio`` default of ``se``). ``se`` itself is built from the SE fields of
 :class:`SEOptions`, as before. A key written in a rule that no module the rule can
-resolve to takes is an error.
+resolve to takes is an error; one that reaches no module in the model is a warning at
+plan time (an error with ``strict``).
 """
 
 from __future__ import annotations
@@ -209,6 +210,20 @@ class Rules:
     def to_dict(self) -> dict:
         """As a rules file would say it: ``load_rules(r.to_dict())`` resolves the same."""
         return {"defaults": self.defaults.rule_options(), "rules": [r.to_dict() for r in self.rules]}
+
+    def unused_options(self, resolved: Iterable[tuple[tuple[int, ...], str]]) -> list[str]:
+        """Notes for rule options that reach no module: at every site the rule selects and
+        that gets a module, the module does not take the option (``kernel_size`` in a rule
+        whose sites all end up ``se``). ``resolved``: (selecting rule indices, module) per site.
+        """
+        used: dict[tuple[int, str], bool] = {}
+        for matched, module in resolved:
+            for i in matched:
+                for k in self.rules[i].options:
+                    if k not in ("variant", "module"):
+                        used[i, k] = used.get((i, k), False) or modules.accepts(module, k)
+        return [f"{self.where('rules', i, k)}: rule {i}, key {k!r}: no effect, no site it selects gets a module "
+                f"that takes {k!r}" for (i, k), hit in used.items() if not hit]
 
     def where(self, *path) -> str:
         """``file`` or ``file:line`` for a key path such as ("rules", 0, "stage")."""

@@ -470,3 +470,22 @@ def test_channels_last_model_is_unchanged_at_insertion(swin, name):
     assert len(inserted) == 4 and all(m.channel_dim == -1 for m in inserted)
     with torch.no_grad():
         assert torch.equal(patched(x), want)
+
+
+def test_a_rule_option_that_reaches_no_module_is_warned_about():
+    # The one site that would get eca is skipped: kernel_size reaches no module.
+    rules = {"rules": [{"select": {}, "kernel_size": 5}, {"select": {"name": "blocks.1"}, "module": "eca"},
+                       {"select": {"name": "blocks.1"}, "skip": True}]}
+    with pytest.warns(se_surgery.SESurgeryWarning, match=r"rule 0, key 'kernel_size': no effect, no site it selects "
+                                                         r"gets a module that takes 'kernel_size'"):
+        se_surgery.plan(TinyNet(), rules, input_size=16)
+    with pytest.raises(se_surgery.PlanError, match=r"rule 0, key 'kernel_size': no effect"):
+        se_surgery.plan(TinyNet(), rules, input_size=16, strict=True)
+    del rules["rules"][2]  # now it reaches eca at blocks.1: no note
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = se_surgery.plan(TinyNet(), rules, input_size=16)
+    assert [e.options.module_options() for e in p.selected] == [{"ratio": 16, "divisor": 1, "min_hidden": 1,
+                                                                "squeeze": "avg", "gate": "sigmoid",
+                                                                "init": "identity", "bias": True},
+                                                               {"kernel_size": 5}]
