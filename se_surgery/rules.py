@@ -477,9 +477,9 @@ def _from_data(data, source: str, lines: dict) -> Rules:
         path = ("rules", i)
         if not isinstance(r, dict):
             chk.fail(path, f"each rule must be a mapping with 'select:', got {type(r).__name__}")
-        select = chk.selector(path + ("select",), r.get("select"))
         candidates = (rule_modules[i],) if rule_modules[i] else every
         chk.options(path, r, candidates, "rule", ("select", "skip") + fixed)
+        select = chk.selector(path + ("select",), r.get("select"))
         skip = r.get("skip", False)
         if not isinstance(skip, bool):
             chk.fail(path + ("skip",), f"skip must be true or false, got {skip!r}")
