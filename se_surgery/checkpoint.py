@@ -215,7 +215,7 @@ def _options(path: Path, i: int, raw) -> SEOptions:
         raise CheckpointError(f"{path}: plan entry {i}: {str(e).split(': ', 1)[-1]}") from None
     if rules.defaults.variant not in VARIANTS:  # pragma: no cover - load_rules checks it
         raise CheckpointError(f"{path}: plan entry {i}: unknown variant {rules.defaults.variant!r}")
-    return rules.defaults
+    return rules.defaults.resolved()
 
 
 def _parse(path: Path, meta: dict):

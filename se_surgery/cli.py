@@ -175,9 +175,12 @@ def _cmd_report(args) -> int:
 
 
 def _compare(reports, fmt: str) -> str:
-    rows = [{"rules": r.rules, "SE sites": len(r.sites), "added params": r.added_params,
+    """One row per rule set; where the rule sets insert different modules, one column per
+    module instead (the metrics as rows), so modules read side by side."""
+    mods = ["+".join(dict.fromkeys(s.module for s in r.sites)) or "-" for r in reports]
+    rows = [{"rules": r.rules, "module": m, "SE sites": len(r.sites), "added params": r.added_params,
              "params %": round(r.added_params_pct, 2), "added MACs": r.added_macs,
-             "MACs %": round(r.added_macs_pct, 2)} for r in reports]
+             "MACs %": round(r.added_macs_pct, 2)} for r, m in zip(reports, mods)]
     if fmt == "json":
         return json.dumps([r.to_dict() for r in reports], indent=2)
     if fmt == "csv":
@@ -198,7 +201,14 @@ def _compare(reports, fmt: str) -> str:
            f"{first.base_macs:,} MACs"
     for r in rows:
         r["added params"], r["added MACs"] = f"{r['added params']:,}", f"{r['added MACs']:,}"
-    table = tabulate(rows, headers="keys", tablefmt="github" if fmt == "markdown" else "simple", disable_numparse=True)
+    tf = "github" if fmt == "markdown" else "simple"
+    if len(set(mods)) > 1:
+        heads = [m if mods.count(m) == 1 else f"{m} ({r.rules})" for m, r in zip(mods, reports)]
+        metrics = [k for k in rows[0] if k != "module"]
+        table = tabulate([[k] + [r[k] for r in rows] for k in metrics], headers=["", *heads], tablefmt=tf,
+                         disable_numparse=True)
+    else:
+        table = tabulate(rows, headers="keys", tablefmt=tf, disable_numparse=True)
     return f"{head}\n\n{table}\n\n{FOOTER}"
 
 

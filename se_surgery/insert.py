@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import itertools
+import operator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from . import modules
 from .errors import ModelTypeError, PlanError, TraceError
 from .inner import inline_path
 from .nodes import add_operands, ancestors, is_activation_module
@@ -47,7 +49,8 @@ def _private_fresh(branch: fx.Node, join: fx.Node, owner: nn.Module) -> bool:
     return type(m) in _FRESH_OUTPUT and not m._forward_hooks
 
 
-def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node, se_name: str) -> None:
+def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node, se_name: str,
+            se: nn.Module) -> None:
     site, variant = entry.site, entry.options.variant
     if variant == "inner":  # ``node`` is the point inside the branch (see inner.py)
         with graph.inserting_after(node):
@@ -65,10 +68,16 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
         return
     ops = add_operands(node)
     branch, skip = ops[site.branch_arg], ops[1 - site.branch_arg]
-    if variant == "standard":
+    if variant == "standard" and not modules.supports_skip(se):  # a user's module: skip + module(branch)
+        with graph.inserting_before(node):
+            new = graph.call_function(operator.add, (skip, graph.call_module(se_name, (branch,))))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    elif variant == "standard":
         # One fused addcmul (skip + branch * gate) instead of a mul and an add; written
         # into the branch's own fresh tensor where nothing else can see it (inference).
-        kwargs = {"inplace": True} if _private_fresh(branch, node, owner) else {}
+        fresh = isinstance(se, SqueezeExcite) and _private_fresh(branch, node, owner)
+        kwargs = {"inplace": True} if fresh else {}
         with graph.inserting_before(node):
             new = graph.call_module(se_name, (branch, skip), kwargs)
         node.replace_all_uses_with(new)
@@ -108,9 +117,8 @@ def _device_dtype(module: nn.Module, fallback: tuple) -> tuple:
 
 def _make_module(entry: PlannedSite, device, dtype) -> nn.Module:
     o = entry.options
-    return SqueezeExcite(entry.se_channels, o.ratio, divisor=o.divisor, min_hidden=o.min_hidden, squeeze=o.squeeze,
-                         gate=o.gate, init=o.init, bias=o.bias, channel_dim=entry.site.channel_dim, device=device,
-                         dtype=dtype)
+    return modules.create(o.module, entry.se_channels, o.module_options(), channel_dim=entry.site.channel_dim,
+                          device=device, dtype=dtype)
 
 
 def _inner_node(graph: fx.Graph, owner: nn.Module, mg: ModuleGraph, site, p: Plan) -> fx.Node:
@@ -149,7 +157,7 @@ def rewrite(mg: ModuleGraph, owner: nn.Module, entries: list[PlannedSite], p: Pl
             node = _inner_node(graph, owner, mg, entry.site, p)
         else:
             node = nodes[entry.site.node]
-        _insert(graph, owner, entry, node, name)
+        _insert(graph, owner, entry, node, name, se)
     graph.lint()
     cls = patched_class(type(owner), source_of(graph), tuple(added), mg.constants)
     return OwnerPatch(mg.path, cls, added)

@@ -10,8 +10,8 @@ from torch import nn
 
 from .errors import AlreadyPatchedError, ModelTypeError, PlanError, TraceError
 from .errors import SESurgeryWarning
+from . import modules
 from .rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
-from .se import hidden_channels
 from .sites import Discovery, Site, discover
 
 __all__ = ["Plan", "PlannedSite", "plan", "match", "is_patched", "se_modules", "fingerprint"]
@@ -19,12 +19,12 @@ __all__ = ["Plan", "PlannedSite", "plan", "match", "is_patched", "se_modules", "
 
 def se_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(dotted name, module) of every module se-surgery inserted into ``model``."""
-    return [(n, m) for n, m in model.named_modules() if hasattr(m, "se_site")]
+    return [(n, m) for n, m in model.named_modules() if "se_site" in m.__dict__]
 
 
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` carries modules inserted by se-surgery."""
-    return any(hasattr(m, "se_site") or hasattr(type(m), "_se_surgery_base") for m in model.modules())
+    return any("se_site" in m.__dict__ or hasattr(type(m), "_se_surgery_base") for m in model.modules())
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -75,8 +75,7 @@ class PlannedSite:
     def hidden(self) -> int | None:
         if self.options is None:
             return None
-        o = self.options
-        return hidden_channels(self.se_channels, o.ratio, o.divisor, o.min_hidden)
+        return modules.hidden(self.options.module, self.se_channels, self.options.module_options())
 
 
 @dataclass
@@ -104,7 +103,9 @@ class Plan:
                 # The channels SE scales: the block input's for 'pre' (as report shows them).
                 "site": s.name, "kind": s.kind, "stage": s.stage, "block": s.block, "channels": e.se_channels,
                 "se": "yes" if e.selected else "-", "variant": e.options.variant if e.options else "",
-                "ratio": e.options.ratio if e.options else "", "hidden": e.hidden or "",
+                "module": e.options.module if e.options else "",
+                "ratio": modules.resolve_options(e.options.module, e.options.module_options()).get("ratio", "")
+                if e.options else "", "hidden": e.hidden or "",
                 "rule": "" if e.rule is None else e.rule,
             })
         return rows
@@ -149,10 +150,10 @@ def match(rules: Rules, sites: list[Site]) -> list[PlannedSite]:
         if not chosen or rules.rules[chosen[-1]].skip:
             out.append(PlannedSite(s, False, None, chosen[-1] if chosen else None, chosen))
             continue
-        opts = rules.defaults.to_dict()
+        opts: SEOptions = rules.defaults
         for i in chosen:
-            opts.update(rules.rules[i].options)
-        out.append(PlannedSite(s, True, SEOptions(**opts), chosen[-1], chosen))
+            opts = opts.merged(rules.rules[i].options)
+        out.append(PlannedSite(s, True, opts.resolved(), chosen[-1], chosen))
     return out
 
 
@@ -238,6 +239,10 @@ def plan_from(model: nn.Module, rules: Rules, d: Discovery, *, strict: bool = Fa
                 if strict:
                     raise PlanError(msg)
                 notes.append(msg)
+        for msg in rules.unused_options((e.matched, e.options.module) for e in entries if e.selected):
+            if strict:
+                raise PlanError(msg)
+            notes.append(msg)
     bad = [e.site.name for e in entries
            if e.selected and e.options.variant not in VARIANTS_BY_KIND[e.site.kind]]
     if bad:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import modules
 from .errors import PlanError, TraceError
 from .fake import run_copy
 from .plan import is_patched, plan, se_modules
@@ -28,7 +29,8 @@ __all__ = ["Report", "SiteRow", "report", "se_macs", "se_params", "FOOTER", "FOR
 
 FOOTER = (
     "MACs = multiply-accumulates per image (the paper's GFLOPs): base from torch.utils.flop_counter / 2; "
-    "SE = its two FCs + 1 op per element for the squeeze + 1 for the scale."
+    "SE = its two FCs + 1 op per element for the squeeze + 1 for the scale; other modules: their FC/conv MACs + "
+    "1 op per element per pool and per scale (docs/modules.md)."
 )
 FORMATS = ("table", "markdown", "json", "csv")
 
@@ -63,9 +65,10 @@ class SiteRow:
     stage: int
     variant: str
     channels: int
-    hidden: int
+    hidden: int | None  # bottleneck width; None for modules without one (ese, eca)
     params: int
     macs: int
+    module: str = "se"
 
 
 @dataclass
@@ -201,24 +204,28 @@ def report(model: nn.Module, rules=None, *, input_size=None) -> "Report":
                             "rules only apply to an unpatched model")
         mods = se_modules(model)
         total_macs, seen = _count(model, size, [m for _, m in mods])
-        rows = []
+        rows, fc_macs = [], 0  # fc_macs: what the flop counter counted inside the inserted modules
         for _, se in mods:
             shape = seen.get(id(se))
             if shape is None:
                 raise TraceError(f"SE module at {se.se_site.name} was not reached by a forward pass")
-            spatial = shape[2:4] if se.channel_dim == 1 else shape[1:3]
+            o = se.se_options
+            channels, spatial = (shape[1], shape[2:4]) if se.se_site.channel_dim == 1 else (shape[3], shape[1:3])
             params = sum(p.numel() for p in se.parameters())
-            rows.append(SiteRow(se.se_site.name, se.se_site.kind, se.se_site.stage, se.se_options.variant,
-                                se.channels, se.hidden, params, se_macs(se.channels, se.hidden, spatial, se.squeeze)))
-        fc_macs = sum(2 * se.channels * se.hidden for _, se in mods)
+            opts = o.module_options()
+            rows.append(SiteRow(se.se_site.name, se.se_site.kind, se.se_site.stage, o.variant, channels,
+                                modules.hidden(o.module, channels, opts), params,
+                                modules.count_macs(o.module, channels, spatial, opts), o.module))
+            fc_macs += modules.weight_macs(o.module, channels, spatial, opts)
         added = sum(r.params for r in rows)
         return Report(type(model).__name__, size, n_params - added, added, total_macs - fc_macs,
                       sum(r.macs for r in rows), rows, rules=None)
     p = plan(model, rules, input_size=size)
     base_macs, _ = _count(model, size)
     rows = [SiteRow(e.site.name, e.site.kind, e.site.stage, e.options.variant, e.se_channels, e.hidden,
-                    se_params(e.se_channels, e.hidden, e.options.bias),
-                    se_macs(e.se_channels, e.hidden, e.se_spatial, e.options.squeeze))
+                    modules.count_params(e.options.module, e.se_channels, e.options.module_options()),
+                    modules.count_macs(e.options.module, e.se_channels, e.se_spatial, e.options.module_options()),
+                    e.options.module)
             for e in p.selected]
     return Report(type(model).__name__, size, n_params, sum(r.params for r in rows), base_macs,
                   sum(r.macs for r in rows), rows, rules=p.rules.source)
