@@ -25,7 +25,7 @@ from .errors import AlreadyPatchedError, CheckpointError, MissingFileError, NotP
 from .insert import build_patches
 from .patch import base_class, swap
 from .plan import PlannedSite, is_patched, plan_from, se_modules
-from .rules import VARIANTS, Rules, SEOptions, load_rules
+from .rules import Rules, SEOptions, load_rules
 from .sites import KINDS, Site, discover
 
 __all__ = ["save_se", "load_se", "FORMAT"]
@@ -130,7 +130,7 @@ def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = F
         "input_size": json.dumps(list(sizes.pop())),
         "rules": json.dumps(dict(rules.to_dict(), source=rules.source)),
         "sites": json.dumps([[_strip_prefix(n, prefix), k, c] for n, k, c in first.se_model_sites]),
-        "plan": json.dumps([{"module": name, "site": site_dict(m.se_site), "options": m.se_options.to_dict(),
+        "plan": json.dumps([{"module": name, "site": site_dict(m.se_site), "options": m.se_options.rule_options(),
                              "rule": m.se_rule} for name, m in mods]),
         "include_base": json.dumps(include_base),
     }
@@ -139,15 +139,16 @@ def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = F
     keep = state if include_base else {k: v for k, v in state.items() if k in names}
     # Copies: safetensors refuses tensors that share storage, as state_dict views may.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in keep.items()}
-    fd, tmp = tempfile.mkstemp(prefix=".se-surgery-", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".se-surgery-", suffix=".tmp", dir=target.parent)
+        os.close(fd)
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, target)
-    except OSError as e:
+    except OSError as e:  # the user's path, never the temporary file's, in the message
         raise CheckpointError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -209,13 +210,11 @@ def _site(path: Path, i: int, raw) -> Site:
 def _options(path: Path, i: int, raw) -> SEOptions:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: plan entry {i}: 'options' must be an object")
-    try:
-        rules = load_rules({"defaults": raw, "rules": [{"select": {}}]})
+    try:  # the options as one rule writes them: validated as rules are
+        rules = load_rules({"rules": [dict(raw, select={})]})
     except RuleError as e:
-        raise CheckpointError(f"{path}: plan entry {i}: {str(e).split(': ', 1)[-1]}") from None
-    if rules.defaults.variant not in VARIANTS:  # pragma: no cover - load_rules checks it
-        raise CheckpointError(f"{path}: plan entry {i}: unknown variant {rules.defaults.variant!r}")
-    return rules.defaults.resolved()
+        raise CheckpointError(f"{path}: plan entry {i}: options {str(e).split(': ', 1)[-1]}") from None
+    return rules.defaults.merged(rules.rules[0].options).resolved()
 
 
 def _parse(path: Path, meta: dict):
@@ -250,6 +249,24 @@ def _parse(path: Path, meta: dict):
         entries.append((e["module"], PlannedSite(site, True, options, rule, () if rule is None else (rule,))))
     include_base = _field(path, meta, "include_base", bool)
     return tuple(size), rules, [tuple(s) for s in sites], entries, include_base
+
+
+def _check_sites(path: Path, name: str, found: list[tuple], recorded: list[tuple]) -> None:
+    """Refuse a model whose sites differ from the checkpoint's model's, naming the first difference."""
+    have = {n: (k, c) for n, k, c in found}
+    for site, kind, channels in recorded:
+        if site not in have:
+            raise CheckpointError(f"{path}: site {site!r} ({kind}, {channels} channels) is not in this {name} "
+                                  f"({len(found)} sites; se-surgery sites MODEL lists them)")
+        if have[site] != (kind, channels):
+            k, c = have[site]
+            raise CheckpointError(f"{path}: site {site!r} is a {k} join of {c} channels in this {name}, a {kind} "
+                                  f"join of {channels} channels in the checkpoint's model")
+    theirs = {r[0] for r in recorded}
+    extra = [n for n, _, _ in found if n not in theirs]
+    if extra:
+        raise CheckpointError(f"{path}: this {name} has site {extra[0]!r}, which the checkpoint's model did not "
+                              f"have ({len(found)} sites here, {len(recorded)} there)")
 
 
 def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False) -> nn.Module:
@@ -290,15 +307,7 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
     if cls != meta.get("model_class"):
         raise CheckpointError(f"{path}: made for a {meta.get('model_class')}, not a {cls}")
     d = discover(inner, size)
-    found = [(s.name, s.kind, s.channels) for s in d.sites]
-    for i, (mine, theirs) in enumerate(zip(found, recorded)):
-        if mine != theirs:
-            raise CheckpointError(f"{path}: the model differs from the one the checkpoint was made on: site {i + 1} "
-                                  f"is {mine[0]} ({mine[1]}, {mine[2]} channels) here, {theirs[0]} ({theirs[1]}, "
-                                  f"{theirs[2]} channels) there")
-    if len(found) != len(recorded):
-        raise CheckpointError(f"{path}: the model differs from the one the checkpoint was made on: it has "
-                              f"{len(found)} sites, that one had {len(recorded)}")
+    _check_sites(path, type(inner).__name__, [(s.name, s.kind, s.channels) for s in d.sites], recorded)
     have = {s.name: s for s in d.sites}
     planned = []
     for module, e in entries:

@@ -159,7 +159,8 @@ def rewrite(mg: ModuleGraph, owner: nn.Module, entries: list[PlannedSite], p: Pl
             node = nodes[entry.site.node]
         _insert(graph, owner, entry, node, name, se)
     graph.lint()
-    cls = patched_class(type(owner), source_of(graph), tuple(added), mg.constants)
+    source, attrs = source_of(graph)
+    cls = patched_class(type(owner), source, tuple(added), dict(mg.constants, **attrs))
     return OwnerPatch(mg.path, cls, added)
 
 
@@ -224,15 +225,9 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
             raise PlanError("input_size and tracer_kwargs belong to plan(); a Plan passed to apply() already has them")
     else:
         p = make_plan(model, rules, input_size=input_size, strict=strict, tracer_kwargs=tracer_kwargs)
-    if not p.selected:
-        d = p.discovery
-        if d is not None and d.stopped:
-            raise TraceError(f"found no site in {type(model).__name__}: its forward failed on a fake input of size "
-                             f"{'x'.join(map(str, p.input_size))}: {d.stopped}")
-        why = "it has no residual, branch-sum or concat join" if not p.entries else \
-            f"the rules select none of its {len(p.entries)} site(s)"
-        raise PlanError(f"nothing to add SE to in {type(model).__name__}: {why} (se-surgery sites MODEL shows what "
-                        "discovery saw)")
+    if not p.entries:
+        raise PlanError(f"nothing to add SE to in {type(model).__name__}: it has no residual, branch-sum or concat "
+                        "join (se-surgery sites MODEL -v shows every join and why it is no site)")
     target = model if inplace else copy.deepcopy(model)
     patches = build_patches(target, p)
     swap(target, patches)

@@ -258,7 +258,16 @@ class GraphView:
                 return self._follow_same_shape(n, depth)  # activations, dropout, identity
             return self._module_output_axis(m, depth) if m is not None else None
         if n.op == "placeholder":
-            return self.consumer_axis(n, depth)
+            axis = self.consumer_axis(n, depth)
+            if axis is None and self.mg.caller is not None and depth < 48:
+                # What the caller passed in: the producer one level up knows the axis.
+                graph, call = self.mg.caller
+                view = self.views.get(id(graph))
+                index = [p for p in self.mg.graph.nodes if p.op == "placeholder"].index(n)
+                arg = call.args[index] if index < len(call.args) else None
+                if view is not None and isinstance(arg, fx.Node):
+                    axis = view.channel_axis(arg, depth + 1)
+            return axis
         if n.op in ("call_function", "call_method"):
             name = callable_name(n)
             if name == "permute":

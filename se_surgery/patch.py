@@ -73,10 +73,16 @@ def patched_class(base: type, source: str, added: tuple[str, ...], constants: di
     return cls
 
 
-def source_of(graph: fx.Graph) -> str:
-    """Import block plus the forward fx generates for ``graph``."""
+def source_of(graph: fx.Graph) -> tuple[str, dict]:
+    """Import block plus the forward fx generates for ``graph``, and the attributes that
+    code reads from ``self`` beyond the module's own (the input and output tree specs of a
+    forward that takes lists)."""
     code = graph.python_code("self")
-    return format_import_block(code.globals) + "\n" + code.src
+    attrs = {}
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is not None:
+        attrs = {"_in_spec": info.in_spec, "_out_spec": info.out_spec}
+    return format_import_block(code.globals) + "\n" + code.src, attrs
 
 
 @dataclass

@@ -265,6 +265,12 @@ def plan_from(model: nn.Module, rules: Rules, d: Discovery, *, strict: bool = Fa
             f"{rules.where('rules', no_inner[0].rule)}: rule {no_inner[0].rule}, key 'variant': 'inner' needs a "
             f"spatial convolution in the residual branch, and {no_inner[0].site.name} has none; use another variant"
         )
+    scaled = [e.site.name for e in entries if e.selected and e.site.layer_scale and e.options.variant == "standard"]
+    if scaled:
+        notes.append(f"{len(scaled)} site(s) of {name} (e.g. {scaled[0]}) scale their branch by a learned layer "
+                     "scale (ConvNeXt-style, often initialised near 1e-6): a 'standard' SE sits before it, so its "
+                     "gradients are scaled by it and it barely moves with a frozen base; 'post' or 'identity' "
+                     "place it outside the layer scale")
     if d.untraced:
         listed = "; ".join(f"{p} ({why})" for p, why in d.untraced)
         if strict:

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import modules
 from .errors import PlanError, TraceError
 from .fake import run_copy
-from .plan import is_patched, plan, se_modules
+from .plan import Plan, is_patched, plan, se_modules
 from .sites import resolve_input_size
 from .trace import short_error
 
@@ -183,12 +183,13 @@ def _count(model: nn.Module, size: tuple[int, int, int], watch=()) -> tuple[int,
     return int(counter.get_total_flops()) // 2, seen
 
 
-def report(model: nn.Module, rules=None, *, input_size=None) -> "Report":
+def report(model: nn.Module, rules=None, *, input_size=None, tracer_kwargs=None) -> "Report":
     """What SE adds to ``model``, in parameters and MACs, per site and in total.
 
     For a model patched by :func:`se_surgery.apply`, describes its SE modules (``rules``
     must be None). For an unpatched model, describes what ``rules`` (default
-    ``all_stages``) would add, without copying weights or running real compute.
+    ``all_stages``, or a :class:`~se_surgery.Plan`) would add. Either way nothing runs
+    on real tensors and nothing of ``model`` runs or changes (see :func:`find_sites`).
 
     Example:
         >>> import torchvision, se_surgery
@@ -220,7 +221,11 @@ def report(model: nn.Module, rules=None, *, input_size=None) -> "Report":
         added = sum(r.params for r in rows)
         return Report(type(model).__name__, size, n_params - added, added, total_macs - fc_macs,
                       sum(r.macs for r in rows), rows, rules=None)
-    p = plan(model, rules, input_size=size)
+    if isinstance(rules, Plan):
+        p = rules
+        size = p.input_size
+    else:
+        p = plan(model, rules, input_size=size, tracer_kwargs=tracer_kwargs)
     base_macs, _ = _count(model, size)
     rows = [SiteRow(e.site.name, e.site.kind, e.site.stage, e.options.variant, e.se_channels, e.hidden,
                     modules.count_params(e.options.module, e.se_channels, e.options.module_options()),

@@ -9,8 +9,8 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ModelTypeError, TraceError
-from .nodes import ATTENTION_CLASSES, GraphView, add_operands, cat_inputs, is_add, is_cat, is_channel_cat, \
-    is_split, shape
+from .nodes import ATTENTION_CLASSES, GraphView, add_operands, callable_name, cat_inputs, is_add, is_cat, \
+    is_channel_cat, is_split, shape
 from .inner import find_inner
 from .trace import ModelGraphs, ModuleGraph, trace_model
 
@@ -44,6 +44,7 @@ class Site:
         inner, inner_channels, inner_spatial: where the ``inner`` variant puts SE (the
             call nodes to descend through, then the node), and the map's size there;
             None where the branch has no spatial convolution.
+        layer_scale: the branch ends scaled by a learned per-channel factor (ConvNeXt).
     """
 
     name: str
@@ -64,6 +65,7 @@ class Site:
     inner: tuple[str, ...] | None = None
     inner_channels: int | None = None
     inner_spatial: tuple[int, int] | None = None
+    layer_scale: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -165,6 +167,8 @@ def _residual(view: GraphView, n: fx.Node) -> tuple[dict | None, str | None]:
         if not nonlin[branch]:
             return None, "the branch holds no nonlinearity (an addition inside a layer such as a normalisation)"
         facts = _facts(view, n, "residual", fork, branch)
+        if facts is not None:
+            facts["layer_scale"] = _layer_scaled(view, fork, operands[branch])
         point = find_inner(view, fork, operands[branch], view.views) if facts else None
         if point is not None:
             chain, node, channels, spatial = point
@@ -193,6 +197,18 @@ def _facts(view: GraphView, n: fx.Node, kind: str, fork: fx.Node | None, branch:
     return {"kind": kind, "channels": out[axis], "spatial": tuple(out[2:4]) if axis == 1 else tuple(out[1:3]),
             "channel_dim": 1 if axis == 1 else -1, "in_channels": in_ch, "in_spatial": in_sp, "branch_arg": branch,
             "axis": axis}
+
+
+def _layer_scaled(view: GraphView, fork: fx.Node, branch: fx.Node) -> bool:
+    """Whether the branch ends scaled by a learned per-channel factor (ConvNeXt's gamma,
+    timm's LayerScale): SE inside it then learns through that factor."""
+    for n in view.path(fork, branch):
+        if n.op == "call_module" and "LayerScale" in type(view.module(n)).__name__:
+            return True
+        if n.op in ("call_function", "call_method") and callable_name(n) in ("mul", "mul_") and any(
+                a.op == "get_attr" for a in n.all_input_nodes):
+            return True
+    return False
 
 
 def _concat(view: GraphView, n: fx.Node) -> tuple[dict | None, str | None]:
@@ -256,6 +272,7 @@ def discover(model: nn.Module, input_size=None, *, tracer_kwargs=None) -> Discov
             views[id(g)] = GraphView(g, by_module, memo, views)
     found: list[dict] = []
     rejected: list[tuple[str, str]] = []
+    blocked: dict[str, str] = {}  # modules with joins that cannot be rewritten, and why
     for g in mg.graphs:
         if g.graph is None or g.error:
             continue
@@ -274,8 +291,10 @@ def discover(model: nn.Module, input_size=None, *, tracer_kwargs=None) -> Discov
             if g.train_dependent:
                 rejected.append((label, f"{g.path or '<model>'}.forward takes other paths in train mode, so it "
                                         "cannot be rewritten"))
+                blocked.setdefault(g.path or "<model>", "its forward takes different paths in train and eval mode")
                 continue
             found.append(dict(facts, graph=g, node=n))
+    found.sort(key=lambda f: f["node"].meta.get("order", 0))  # the order the model runs them
     # A sum of several branches is one join: its inner partial sums are not sites.
     sums = {f["node"] for f in found if f["kind"] == "branch_sum"}
     outer = []
@@ -286,7 +305,8 @@ def discover(model: nn.Module, input_size=None, *, tracer_kwargs=None) -> Discov
             continue
         outer.append(f)
     return Discovery(_name_and_number(model, outer, canonical, views), size,
-                     mg.untraced() + ([("<model>", f"the forward stopped: {mg.stopped}")] if mg.stopped else []),
+                     mg.untraced() + list(blocked.items())
+                     + ([("<model>", f"the forward stopped: {mg.stopped}")] if mg.stopped else []),
                      rejected, mg, mg.stopped)
 
 
@@ -325,7 +345,7 @@ def _name_and_number(model: nn.Module, found: list[dict], canonical, views) -> l
                           channel_dim=f["channel_dim"], in_channels=f["in_channels"], in_spatial=f["in_spatial"],
                           has_attention=attention, node=f["node"].name, branch_arg=f["branch_arg"],
                           inner=f.get("inner"), inner_channels=f.get("inner_channels"),
-                          inner_spatial=f.get("inner_spatial")))
+                          inner_spatial=f.get("inner_spatial"), layer_scale=f.get("layer_scale", False)))
     return sites
 
 

@@ -214,6 +214,9 @@ class ModuleGraph:
     # right for shapes but must not replace the forward.
     train_dependent: bool = False
     quiet: bool = False  # a failure nobody needs to hear about (a user's leaf, a timm layer)
+    # (graph, call_module node) of the first call, where the caller is a traced graph:
+    # what a placeholder is, seen from outside (its channel axis, say).
+    caller: tuple | None = field(default=None, repr=False)
 
     @property
     def module_type(self) -> type:
@@ -248,10 +251,10 @@ def _is_layer(m: nn.Module) -> bool:
 
 
 class _ShapeInterpreter(fx.Interpreter):
-    def __init__(self, mg: ModuleGraph, keys: tuple[str, str]):
+    def __init__(self, mg: ModuleGraph, keys: tuple[str, str], walker: "_Walker"):
         super().__init__(mg.module, graph=mg.graph)
         self.extra_traceback = False  # our errors name the node themselves
-        self.mg, (self.shape_key, self.tensor_key) = mg, keys
+        self.mg, (self.shape_key, self.tensor_key), self.walker = mg, keys, walker
 
     def fetch_attr(self, target: str):
         if target in self.mg.constants:
@@ -259,12 +262,17 @@ class _ShapeInterpreter(fx.Interpreter):
         return super().fetch_attr(target)
 
     def run_node(self, n: fx.Node):
+        if n.op == "call_module":
+            self.walker.calling = (self.mg, n)
         try:
             out = super().run_node(n)
         except _Stop:
             raise
         except Exception as e:
             raise _NodeFailed(f"{self.mg.path or '<model>'} node {n.name!r}: {short_error(e)}") from e
+        if self.shape_key == "shape":
+            self.walker.order += 1
+            n.meta.setdefault("order", self.walker.order)  # when the model first ran it
         if isinstance(out, torch.Tensor):
             n.meta[self.shape_key] = tuple(int(s) for s in out.shape)
             n.meta["tensor"] = True
@@ -293,6 +301,8 @@ class _Walker:
         self.fns = tuple(opts.autowrap_functions) + tuple(fns)
         self.graphs: dict[int, ModuleGraph] = {}
         self.keys = ("shape", "tensor")
+        self.calling: tuple | None = None  # the graph node calling a module right now
+        self.order = 0
 
     def dispatch(self, m: nn.Module, args: tuple, kwargs: dict):
         if id(m) not in self.paths:
@@ -302,8 +312,11 @@ class _Walker:
         if _is_layer(m):
             return m.forward(*args, **kwargs)
         mg = self.graphs.get(id(m))
+        caller, self.calling = self.calling, None
         if mg is None:
             mg = self.graphs[id(m)] = self._trace(m, args, kwargs)
+            if caller is not None and caller[1].target and m is caller[0].module.get_submodule(caller[1].target):
+                mg.caller = caller
         mg.calls += 1
         if mg.graph is not None and call_skeleton(args, kwargs) != mg.skeleton:
             mg.error = ("the model calls it in different ways (arguments "
@@ -312,7 +325,7 @@ class _Walker:
             return m.forward(*args, **kwargs)
         try:
             flat = self._flat_inputs(m, mg, args, kwargs)
-            return _ShapeInterpreter(mg, self.keys).run(*flat)
+            return _ShapeInterpreter(mg, self.keys, self).run(*flat)
         except _NodeFailed as e:
             # The graph could not run where the module's own code can (a value the
             # trace fixed, say): run that code, and leave this module's joins alone.

@@ -173,7 +173,7 @@ CASES = [
     ("unknown_gate", apply_rules({"rules": [{"select": {}, "gate": "relu"}]}), RuleError,
      r"rule 0, key 'gate': gate must be one of sigmoid, hard_sigmoid, got 'relu'$", resnet18),
     ("unknown_kind", apply_rules({"rules": [{"select": {"kind": "attention"}}]}), RuleError,
-     r"rule 0, key 'kind': kind must be one of residual, concat, got 'attention'$", resnet18),
+     r"rule 0, key 'kind': kind must be one of residual, branch_sum, concat, got 'attention'$", resnet18),
     ("stage_zero", apply_yaml("rules:\n  - select: {stage: 0}\n"), RuleError,
      r"rules\.yaml:2: rule 0, key 'stage': stage must be a non-zero integer or a list of them", resnet18),
     ("stage_float", apply_rules({"rules": [{"select": {"stage": [1, 2.5]}}]}), RuleError,
@@ -225,7 +225,7 @@ CASES = [
     ("model_is_a_class", lambda model, tmp: se_surgery.find_sites(torchvision.models.ResNet), ModelTypeError,
      r"^model must be a torch\.nn\.Module, got type$", resnet18),
     ("model_without_sites", apply_rules(None), PlanError,
-     r"^found no residual or concat join in Sequential: nothing to add SE to", plain_cnn),
+     r"^nothing to add SE to in Sequential: it has no residual, branch-sum or concat join", plain_cnn),
     ("already_patched", apply_rules("all_stages"), AlreadyPatchedError,
      r"^ResNet already has 4 SE module\(s\) from se-surgery; call se_surgery\.strip\(model\) first", patched_resnet18),
     ("input_size_string", apply_rules(None, input_size="224"), ModelTypeError,
@@ -250,9 +250,9 @@ CASES = [
     ("se_checkpoint_truncated", se_checkpoint_truncated, CheckpointError,
      r"se\.safetensors: not a readable safetensors file \(", resnet18),
     ("se_checkpoint_not_ours", se_checkpoint_not_ours, CheckpointError,
-     r"plain\.safetensors: not an se-surgery SE checkpoint \(metadata format None, expected 'se-surgery/1'\)", resnet18),
+     r"plain\.safetensors: not an se-surgery checkpoint of this version \(metadata format None, expected 'se-surgery/2'\)", resnet18),
     ("se_checkpoint_other_model", se_checkpoint_other_model, CheckpointError,
-     r"se34\.safetensors: site 'layer3\.2' \(residual, 256 channels\) is not in this ResNet \(8 sites", resnet18),
+     r"se34\.safetensors: site 'layer1\.2' \(residual, 64 channels\) is not in this ResNet \(8 sites", resnet18),
 ]
 
 

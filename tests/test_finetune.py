@@ -125,10 +125,11 @@ def test_save_se_writes_only_se_weights_and_the_plan(tuned):
     with safe_open(str(out), "pt") as f:
         keys, meta = sorted(f.keys()), f.metadata()
         assert all(torch.equal(f.get_tensor(k), v) for k, v in se_surgery.se_parameters(model).items())
-    assert keys == sorted(se_surgery.se_parameters(model))
+    # The SE parameters and each SE's gate scale, which travels with its weights.
+    assert keys == sorted([*se_surgery.se_parameters(model), *(f"layer{i}.0.se_inserted.gate_scale" for i in range(1, 5))])
     assert keys[0] == "layer1.0.se_inserted.fc1.bias"  # timm's BasicBlock already has an ``se`` attribute
-    assert set(meta) == {"format", "model_class", "input_size", "rules", "plan"}
-    assert meta["format"] == "se-surgery/1"
+    assert set(meta) == {"format", "model_class", "input_size", "rules", "sites", "plan", "include_base"}
+    assert meta["format"] == "se-surgery/2"
     assert meta["model_class"] == "timm.models.resnet.ResNet"
     assert meta["input_size"] == "[3, 32, 32]"
     rules = json.loads(meta["rules"])
@@ -136,11 +137,10 @@ def test_save_se_writes_only_se_weights_and_the_plan(tuned):
     assert rules["rules"] == [{"select": {"kind": "residual", "has_attention": False}}]
     plan = json.loads(meta["plan"])
     assert [e["module"] for e in plan] == [f"layer{i}.0.se_inserted" for i in (1, 2, 3, 4)]
-    assert [(e["site"]["name"], e["site"]["channels"], e["site"]["spatial"], e["hidden"]) for e in plan] == [
-        ("layer1.0", 32, [8, 8], 2), ("layer2.0", 48, [4, 4], 3), ("layer3.0", 192, [2, 2], 12),
-        ("layer4.0", 96, [1, 1], 6)]
-    assert plan[0]["options"] == {"variant": "standard", "ratio": 16, "divisor": 1, "min_hidden": 1,
-                                  "init": "identity", "squeeze": "avg", "gate": "sigmoid", "bias": True}
+    assert [(e["site"]["name"], e["site"]["channels"], e["site"]["spatial"]) for e in plan] == [
+        ("layer1.0", 32, [8, 8]), ("layer2.0", 48, [4, 4]), ("layer3.0", 192, [2, 2]), ("layer4.0", 96, [1, 1])]
+    assert json.loads(meta["sites"]) == [[e["site"]["name"], "residual", e["site"]["channels"]] for e in plan]
+    assert plan[0]["options"] == {"variant": "standard"}  # as a rule writes them: the rest are the defaults
     assert {e["rule"] for e in plan} == {0}
 
 
@@ -227,7 +227,8 @@ def test_load_se_names_other_channels(tuned):
     wider = build_for_training("timm:resnet10t", 10)  # same class and blocks as test_resnet, twice the channels
     with pytest.raises(CheckpointError) as e:
         se_surgery.load_se(wider, out)
-    assert str(e.value) == f"{out}: site 'layer1.0' has channels 64 in this ResNet, the checkpoint's has 32"
+    assert str(e.value) == f"{out}: site 'layer1.0' is a residual join of 64 channels in this ResNet, a residual " \
+                           "join of 32 channels in the checkpoint's model"
 
 
 def test_load_se_names_another_block_type(tv_resnet18, tmp_path):
@@ -235,8 +236,8 @@ def test_load_se_names_another_block_type(tv_resnet18, tmp_path):
     se_surgery.save_se(se_surgery.apply(tv_resnet18, input_size=SIZE), f)
     with pytest.raises(CheckpointError) as e:
         se_surgery.load_se(torchvision.models.resnet50(num_classes=10), f)
-    assert str(e.value) == f"{f}: site 'layer1.0' has owner_type 'Bottleneck' in this ResNet, " \
-                           "the checkpoint's has 'BasicBlock'"
+    assert str(e.value) == f"{f}: site 'layer1.0' is a residual join of 256 channels in this ResNet, a residual " \
+                           "join of 64 channels in the checkpoint's model"
 
 
 def test_load_se_refuses_another_class(tuned):
@@ -255,15 +256,15 @@ def test_load_se_names_a_tensor_of_the_wrong_shape(tv_resnet18, tmp_path):
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(CheckpointError) as e:
         se_surgery.load_se(torchvision.models.resnet18(num_classes=10), bad)
-    assert str(e.value) == f"{bad}: tensor 'layer3.0.se.fc1.weight' has shape (8, 256, 1, 1), the SE at site " \
-                           "'layer3.0' needs (16, 256, 1, 1)"
+    assert str(e.value) == f"{bad}: tensor 'layer3.0.se.fc1.weight' has shape (8, 256, 1, 1), this model needs " \
+                           "(16, 256, 1, 1)"
 
 
 def test_load_se_refuses_files_it_did_not_write(pretrained, tmp_path, tv_resnet18):
     with pytest.raises(CheckpointError) as e:
         se_surgery.load_se(fresh(pretrained[0]), pretrained[0])
-    assert str(e.value) == f"{pretrained[0]}: not an se-surgery SE checkpoint (metadata format None, expected " \
-                           "'se-surgery/1'); write one with se_surgery.save_se"
+    assert str(e.value) == f"{pretrained[0]}: not an se-surgery checkpoint of this version (metadata format None, " \
+                           "expected 'se-surgery/2'); write one with se_surgery.save_se"
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
@@ -344,7 +345,7 @@ def test_torchrun_two_processes_keep_se_weights_identical(pretrained, work):
     opened = [safe_open(str(f), "pt") for f in files]
     keys = sorted(opened[0].keys())  # SE only, or SE and base where save_se has include_base
     assert all(sorted(o.keys()) == keys for o in opened)
-    assert len([k for k in keys if ".se_inserted." in k]) == 16
+    assert len([k for k in keys if ".se_inserted." in k]) == 20  # 4 x (fc1, fc2 weight and bias, gate scale)
     for k in keys:
         t = [o.get_tensor(k) for o in opened]
         assert torch.equal(t[0], t[1]) and torch.equal(t[1], t[2]), k

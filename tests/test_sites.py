@@ -150,7 +150,8 @@ class Spellings(nn.Module):
     def __init__(self, c=8):
         super().__init__()
         self.stem = nn.Conv2d(3, c, 1)
-        self.f = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)) for _ in range(6))
+        self.f = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+                               for _ in range(6))
         self.proj = nn.Conv2d(c, c, 1)
         self.drop = DropPath()
         self.gamma = nn.Parameter(torch.ones(1, c, 1, 1))
