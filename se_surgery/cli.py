@@ -525,7 +525,7 @@ def main(argv=None) -> int:
             _error(f"error: {_short(str(e.filename), 120)}: {e.strerror or e}")
         return EXIT_USAGE
     except RecursionError:
-        _error("error: the model is nested too deeply to trace (Python's recursion limit)")
+        _error("error: the input is nested too deeply to process (Python's recursion limit)")
         return EXIT_USAGE
     except Exception as e:
         # A bug, not a bad input: still one line, but its own code, and the traceback on request.
