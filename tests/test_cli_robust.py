@@ -61,27 +61,27 @@ def _files(tmp):
 
 BAD = [  # (id, argv, the one line on stderr)
     ("nested_1000_deep", ["check", "{deep}"], r"deep\.yaml:1: invalid YAML: nested more than 64 levels deep"),
-    ("latin1_file", ["check", "{latin1}"], r"latin1\.yaml:2: not UTF-8 text \(byte 0xe9 at offset 30\); save the "
-                                           r"rules file as UTF-8$"),
+    ("latin1_file", ["check", "{latin1}"], (r"latin1\.yaml:2: not UTF-8 text \(byte 0xe9 at offset 30\); save the "
+                                           r"rules file as UTF-8$")),
     ("utf16_without_bom", ["check", "{utf16_no_bom}"], r"utf16_no_bom\.yaml: not UTF-8 text \(it holds NUL bytes"),
-    ("ratio_5e-324", ["check", "{tiny_ratio}"], r"tiny_ratio\.yaml:3: rule 0, key 'ratio': ratio must be a number from "
-                                                r"0\.125 to 4096, got 5e-324$"),
+    ("ratio_5e-324", ["check", "{tiny_ratio}"], (r"tiny_ratio\.yaml:3: rule 0, key 'ratio': ratio must be a number from "
+                                                r"0\.125 to 4096, got 5e-324$")),
     ("ratio_5e-324_plan", ["plan", "resnet18", "--input-size", "32", "--rules", "{tiny_ratio}"],
      r"ratio must be a number from 0\.125 to 4096, got 5e-324$"),
-    ("divisor_huge", ["check", "{huge_divisor}"], r"key 'defaults\.divisor': divisor must be an integer from 1 to 512, "
-                                                  r"got 1000000$"),
+    ("divisor_huge", ["check", "{huge_divisor}"], (r"key 'defaults\.divisor': divisor must be an integer from 1 to 512, "
+                                                  r"got 1000000$")),
     ("min_hidden_huge", ["check", "{huge_min_hidden}"], r"min_hidden must be an integer from 1 to 4096, got 100000000$"),
-    ("int_of_5000_digits", ["check", "{huge_int}"], r"huge_int\.yaml: invalid YAML: a value cannot be read: Exceeds "
-                                                    r"the limit \(4300 digits\)"),
-    ("path_over_255", ["check", "{long}"], r"rules file '.*r+\.\.\.' \(\d+ characters\) cannot exist: the name is too "
-                                           r"long for the file system$"),
+    ("int_of_5000_digits", ["check", "{huge_int}"], (r"huge_int\.yaml: invalid YAML: a value cannot be read: Exceeds "
+                                                    r"the limit \(4300 digits\)")),
+    ("path_over_255", ["check", "{long}"], (r"rules file '.*r+\.\.\.' \(\d+ characters\) cannot exist: the name is too "
+                                           r"long for the file system$")),
     ("rules_is_a_folder", ["check", "{tmp}"], r"rules file '.*' is a directory; give a YAML file or a preset name$"),
     ("plot_unknown_format", ["report", "resnet18", "--input-size", "32", "--plot", "{tmp}/out.xyz"],
      r"--plot '.*out\.xyz': the file name must end in one of \.avif, .*\.png"),
     ("plot_missing_folder", ["report", "resnet18", "--input-size", "32", "--plot", "{tmp}/no/out.png"],
      r"--plot '.*out\.png': folder '.*no' does not exist$"),
-    ("weights_long_path", ["sites", "resnet18", "--weights", "{long}"], r"weights file '.*r+\.\.\.' cannot be read: "
-                                                                        r"File name too long$"),
+    ("weights_long_path", ["sites", "resnet18", "--weights", "{long}"], (r"weights file '.*r+\.\.\.' cannot be read: "
+                                                                        r"File name too long$")),
 ]
 
 
@@ -97,8 +97,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, pattern):
 
 
 @pytest.mark.parametrize("argv, pattern", [
-    (["sites", "resnet18", "--input-size", "10000000000"], r"'10000000000' is too large: height and width go up to "
-                                                            rf"{MAX_SIDE}, channels up to 1024$"),
+    (["sites", "resnet18", "--input-size", "10000000000"], (r"'10000000000' is too large: height and width go up to "
+                                                            rf"{MAX_SIDE}, channels up to 1024$")),
     (["sites", "resnet18", "--input-size", "3x0x5"], r"expected N, HxW or CxHxW with positive integers, got '3x0x5'$"),
     (["sites", "resnet18", "--input-size", "1x2x3x4"], r"expected N, HxW or CxHxW"),
     (["sites", "resnet18", "--num-classes", "0"], r"--num-classes: expected an integer from 1 to 100,000, got '0'$"),
