@@ -6,6 +6,9 @@ model that lost its SE modules on the way would give different numbers and fail.
 """
 
 import copy
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -105,3 +108,22 @@ def test_fx_post_training_quantization_runs(example):
     assert any(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in quantized.modules())
     # int8 keeps the function: within a tenth of the output's range on random weights.
     assert float((out - expected).abs().max()) < 0.1 * float(expected.abs().max())
+
+
+def test_whole_model_pickle_needs_se_surgery_where_it_is_loaded(tmp_path, example):
+    model = patched("standard")
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)  # se_surgery is importable here
+    assert torch.equal(_eager(loaded.eval(), example), _eager(model, example))
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["se_surgery"] = None  # as on a machine without it
+        import torch
+        try:
+            torch.load({str(path)!r}, weights_only=False)
+        except ModuleNotFoundError as e:
+            print(e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "se_surgery" in out.stdout
