@@ -16,10 +16,12 @@ import os
 import sys
 import warnings
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError, MissingFileError, SESurgeryError, UnknownModelError
+
+if TYPE_CHECKING:  # torch is imported when a command runs, under main's Ctrl-C handler
+    from torch import nn
 
 __all__ = ["build_model", "load_weights", "main", "parser"]
 
@@ -379,7 +381,7 @@ class _Help(argparse.HelpFormatter):
 
 
 def _examples(*lines: str) -> str:
-    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+    return "examples:\n" + "\n".join(f"  {line}" if line else "" for line in lines)
 
 
 def parser() -> argparse.ArgumentParser:
