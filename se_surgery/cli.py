@@ -103,9 +103,11 @@ def load_weights(model: nn.Module, path: str, *, hint: str = "") -> None:
 
     p = Path(path)
     try:
-        found = p.is_file()
+        found, folder = p.is_file(), p.is_dir()
     except OSError as e:  # a name longer than the file system allows
         raise MissingFileError(f"weights file {_short(path)!r} cannot be read: {e.strerror or e}") from None
+    if folder:
+        raise MissingFileError(f"weights file {_short(path)!r} is a directory; give a .safetensors or torch.save file")
     if not found:
         raise MissingFileError(f"weights file {_short(path)!r} not found")
     try:
@@ -504,6 +506,9 @@ def main(argv=None) -> int:
             args = parser().parse_args(argv)
         except SystemExit as e:  # --help, --version, or a usage error argparse has printed
             return e.code if isinstance(e.code, int) else EXIT_USAGE
+        if sys.stdout is None:  # started with stdout closed (`se-surgery ... >&-`)
+            _error("error: standard output is closed; redirect it to a file or /dev/null")
+            return EXIT_USAGE
         code = args.fn(args)
         sys.stdout.flush()  # a write error must surface here, not at interpreter exit
         return code

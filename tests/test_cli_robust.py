@@ -80,6 +80,8 @@ BAD = [  # (id, argv, the one line on stderr)
      r"--plot '.*out\.xyz': the file name must end in one of \.avif, .*\.png"),
     ("plot_missing_folder", ["report", "resnet18", "--input-size", "32", "--plot", "{tmp}/no/out.png"],
      r"--plot '.*out\.png': folder '.*no' does not exist$"),
+    ("weights_is_a_folder", ["sites", "resnet18", "--weights", "{tmp}"],
+     r"weights file '.*' is a directory; give a \.safetensors or torch\.save file$"),
     ("weights_long_path", ["sites", "resnet18", "--weights", "{long}"], (r"weights file '.*r+\.\.\.' cannot be read: "
                                                                         r"File name too long$")),
 ]
@@ -237,6 +239,19 @@ def test_full_disk_is_one_line():
         err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 2
     assert err == "se-surgery: error: cannot write the output: No space left on device\n"
+
+
+def test_closed_stdout_is_one_line():
+    code = textwrap.dedent("""
+        import os, subprocess, sys
+        # The child starts with descriptor 1 closed, as after `se-surgery presets >&-`.
+        proc = subprocess.run([sys.executable, "-m", "se_surgery", "presets"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+        print(proc.returncode, proc.stderr, end="")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         check=True)
+    assert out.stdout == "2 se-surgery: error: standard output is closed; redirect it to a file or /dev/null\n"
 
 
 def test_ctrl_c_is_one_line_and_exit_130():
