@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError, MissingFileError, SESurgeryError, UnknownModelError
 
@@ -59,7 +59,7 @@ def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
         >>> build_model("resnet18", num_classes=10).fc.out_features
         10
     """
-    extra = {} if num_classes is None else {"num_classes": num_classes}
+    extra: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     source, _, name = spec.partition(":") if ":" in spec else ("", "", spec)
     if source not in ("", "tv", "timm"):
         raise UnknownModelError(f"unknown model source {source!r} in {spec!r}; use tv:NAME or timm:NAME")
