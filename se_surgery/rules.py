@@ -330,7 +330,7 @@ def _parse_yaml(text: str, name: str) -> tuple[Any, dict]:
 def _check_nodes(root, name: str) -> None:
     """Refuse what safe_load accepts silently: a key given twice (the last would win
     unseen) and an alias inside its own anchor (a structure that contains itself)."""
-    stack = [(root, ())] if root is not None else []
+    stack: list[tuple[Any, tuple[int, ...]]] = [(root, ())] if root is not None else []
     visits = 0
     while stack:
         node, inside = stack.pop()
