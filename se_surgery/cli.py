@@ -74,7 +74,7 @@ def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
         try:
             import timm
         except ImportError:
-            timm = None
+            timm = None  # type: ignore[assignment]
         if timm is not None and name in timm.list_models():
             return timm.create_model(name, pretrained=False, **extra)
         if timm is None and source == "timm":
