@@ -201,11 +201,13 @@ def _plan_text(p) -> str:
 
 def _cmd_plan(args) -> int:
     from .plan import plan
+    from .rules import load_rules
 
+    rules = load_rules(args.rules)  # a bad rules file fails before the model is built
     model = _model(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        p = plan(model, args.rules, input_size=args.input_size, strict=args.strict)
+        p = plan(model, rules, input_size=args.input_size, strict=args.strict)
     del caught  # the plan lists its own warnings
     print(json.dumps(p.to_dict(), indent=2) if args.format == "json" else _plan_text(p))
     return 0
@@ -213,11 +215,14 @@ def _cmd_plan(args) -> int:
 
 def _cmd_report(args) -> int:
     from .report import report
+    from .rules import load_rules
 
+    # Everything that can be checked without the model is checked first, so that a typo
+    # fails at once rather than after the model is built and counted.
     if args.plot:
-        _check_plot_path(args.plot)  # before minutes of work, not after
+        _check_plot_path(args.plot)
+    rules_list = [load_rules(r) for r in args.rules or ["all_stages"]]
     model = _model(args)
-    rules_list = args.rules or ["all_stages"]
     reports, said = [], []
     for r in rules_list:
         with warnings.catch_warnings(record=True) as caught:

@@ -317,12 +317,16 @@ def test_random_arguments_exit_0_or_2(argv):
     _assert_clean(code, err)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(command=st.sampled_from(["sites", "plan", "report"]),
        extra=st.lists(st.sampled_from(["--rules", "late_stages", "se_pre", "inception", "--format", "json", "csv",
-                                       "--strict", "-v", "--num-classes", "7", "--input-size", "3x32x48", "40"]),
-                      max_size=5))
-def test_random_model_commands_exit_0_or_2(command, extra):
-    # resnet18 at 32 px, which the argv may override with another small size.
-    code, _, err = run([command, "resnet18", "--input-size", "32", *extra])
+                                       "--strict", "-v", "--num-classes", "7", "--input-size", "3x32x48", "40",
+                                       "{rules}"]), max_size=5),
+       rules=_yaml_bytes)
+def test_random_model_commands_exit_0_or_2(tmp_path_factory, command, extra, rules):
+    # resnet18 at 32 px, which the argv may override with another small size; {rules} is a
+    # file of random bytes.
+    path = tmp_path_factory.mktemp("rules") / "rules.yaml"
+    path.write_bytes(rules)
+    code, _, err = run([command, "resnet18", "--input-size", "32", *(a.format(rules=path) for a in extra)])
     _assert_clean(code, err)
