@@ -207,7 +207,7 @@ def test_plot_has_integer_stage_ticks_centred_bars_and_the_model_name(tmp_path, 
     code, _, err = run(argv + ["--plot", str(png)])
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot written to" in err
     (fig,) = figures
-    assert "resnet18" in fig._suptitle.get_text()
+    assert "resnet18" in fig.get_suptitle()
     for ax in fig.axes:
         assert list(ax.get_xticks()) == [1, 2, 3, 4]
         centres = sorted(p.get_x() + p.get_width() / 2 for p in ax.patches)
