@@ -8,20 +8,24 @@ Example:
 """
 
 from .errors import (AlreadyPatchedError, CheckpointError, MissingFileError, ModelTypeError, NotPatchedError,
-                     PlanError, RuleError, SESurgeryError, SESurgeryWarning, TraceError)
-from .finetune import load_se, mark_only_se_trainable, param_groups, save_se, se_parameters, strip
+                     ModuleError, PlanError, RuleError, SESurgeryError, SESurgeryWarning, TraceError)
+from .checkpoint import load_se, save_se
+from .finetune import mark_only_se_trainable, param_groups, se_parameters, strip
 from .insert import apply
+from .modules import register_module
 from .plan import Plan, PlannedSite, is_patched, plan
 from .report import Report, report
 from .rules import Rule, Rules, Selector, SEOptions, load_rules, preset_names
 from .se import SqueezeExcite
 from .sites import Site, find_sites
+from .trace import TracerOptions
 
 __version__ = "0.1.0"
 __all__ = [
-    "find_sites", "plan", "apply", "report", "load_rules", "preset_names",
+    "find_sites", "plan", "apply", "report", "load_rules", "preset_names", "register_module",
     "se_parameters", "mark_only_se_trainable", "param_groups", "save_se", "load_se", "strip", "is_patched",
-    "Site", "Plan", "Report", "PlannedSite", "Rules", "Rule", "Selector", "SEOptions", "SqueezeExcite",
+    "Site", "TracerOptions", "Plan", "Report", "PlannedSite", "Rules", "Rule", "Selector", "SEOptions",
+    "SqueezeExcite",
     "SESurgeryError", "RuleError", "PlanError", "TraceError", "AlreadyPatchedError", "NotPatchedError",
-    "ModelTypeError", "CheckpointError", "MissingFileError", "SESurgeryWarning", "__version__",
+    "ModelTypeError", "CheckpointError", "MissingFileError", "ModuleError", "SESurgeryWarning", "__version__",
 ]

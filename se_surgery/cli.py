@@ -241,9 +241,12 @@ def _cmd_report(args) -> int:
 
 
 def _compare(reports, fmt: str) -> str:
-    rows = [{"rules": r.rules, "SE sites": len(r.sites), "added params": r.added_params,
+    """One row per rule set; where the rule sets insert different modules, one column per
+    module instead (the metrics as rows), so modules read side by side."""
+    mods = ["+".join(dict.fromkeys(s.module for s in r.sites)) or "-" for r in reports]
+    rows = [{"rules": r.rules, "module": m, "SE sites": len(r.sites), "added params": r.added_params,
              "params %": round(r.added_params_pct, 2), "added MACs": r.added_macs,
-             "MACs %": round(r.added_macs_pct, 2)} for r in reports]
+             "MACs %": round(r.added_macs_pct, 2)} for r, m in zip(reports, mods)]
     if fmt == "json":
         return json.dumps([r.to_dict() for r in reports], indent=2)
     if fmt == "csv":
@@ -264,7 +267,14 @@ def _compare(reports, fmt: str) -> str:
            f"{first.base_macs:,} MACs"
     for r in rows:
         r["added params"], r["added MACs"] = f"{r['added params']:,}", f"{r['added MACs']:,}"
-    table = tabulate(rows, headers="keys", tablefmt="github" if fmt == "markdown" else "simple", disable_numparse=True)
+    tf = "github" if fmt == "markdown" else "simple"
+    if len(set(mods)) > 1:
+        heads = [m if mods.count(m) == 1 else f"{m} ({r.rules})" for m, r in zip(mods, reports)]
+        metrics = [k for k in rows[0] if k != "module"]
+        table = tabulate([[k] + [r[k] for r in rows] for k in metrics], headers=["", *heads], tablefmt=tf,
+                         disable_numparse=True)
+    else:
+        table = tabulate(rows, headers="keys", tablefmt=tf, disable_numparse=True)
     return f"{head}\n\n{table}\n\n{FOOTER}"
 
 
@@ -382,13 +392,117 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
             text += " (default: %(default)s)"
         return text
 
 
 def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" if line else "" for line in lines)
+
+
+# ---------------------------------------------------------------- sweep (issue 13)
+# One self-contained block: the model builder for training and the ``sweep`` command.
+
+
+def build_for_training(spec: str, num_classes: int, *, pretrained: bool = False) -> nn.Module:
+    """:func:`build_model` with a fresh ``num_classes`` head; ``pretrained=True`` downloads the default weights.
+
+    torchvision's ``weights="DEFAULT"``, timm's ``pretrained=True``; without a network
+    that fails with one line suggesting ``--weights FILE``.
+
+    Example:
+        >>> build_for_training("tv:resnet18", 10).fc.out_features
+        10
+    """
+    from .train import set_head
+
+    model = build_model(spec)  # resolves the name (and names close matches) once for both sources
+    if pretrained:
+        name = spec.partition(":")[2] if ":" in spec else spec
+        try:
+            if type(model).__module__.startswith("timm."):
+                import timm
+
+                model = timm.create_model(name, pretrained=True)
+            else:
+                import torchvision
+
+                model = torchvision.models.get_model(name, weights="DEFAULT")
+        except (OSError, RuntimeError, ValueError) as e:  # no network, no cached file, no such weights
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise CheckpointError(f"--pretrained: could not get the pretrained weights of {spec} "
+                                  f"({type(e).__name__}: {first}); without a network, pass --weights FILE") from None
+    set_head(model, num_classes)
+    return model
+
+
+def _cmd_sweep(args) -> int:
+    from . import sweep
+    from .train import load_base_weights, load_data, seed_everything
+
+    shard = sweep.parse_shard(args.trial)  # a bad --trial fails before any data or model is loaded
+    data = load_data(args.data, args.input_size, workers=args.workers)
+    # The fresh head (and a base without weights) must be the same in every run and every
+    # shard: trial keys promise that a finished trial would come out the same again.
+    seed_everything(0)
+    model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
+    if args.weights:
+        load_base_weights(model, args.weights, log=lambda m: print(m, file=sys.stderr))
+    config = sweep.SweepConfig(
+        model=args.model, weights=args.weights, pretrained=args.pretrained, data=args.data, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, se_lr=args.se_lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, freeze_base=args.freeze_base)
+    sweep.run(model, data, config, rules=args.rules or ["all_stages"], variants=args.variant or [None],
+              ratios=args.ratio or [None], modules=args.module or [None], seeds=args.seeds, out=args.out,
+              shard=shard, device=args.device, plot=args.plot)
+    return 0
+
+
+def _add_sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="fine-tune with SE placed by each rule set / variant / ratio; compare accuracy",
+                       description="The paper's placement studies on your model and data: every --rules x --variant "
+                                   "x --ratio x --module x seed is applied, fine-tuned and evaluated, plus one "
+                                   "baseline without SE per seed. One JSON line per trial goes to --out as it "
+                                   "finishes; re-running the same command skips finished trials.",
+                       formatter_class=_Help,
+                       epilog=_examples(
+                           "se-surgery sweep timm:test_resnet --data digits --weights base.safetensors "
+                           "--rules all_stages --rules late_stages --variant standard --variant pre --seeds 2",
+                           "se-surgery sweep tv:resnet50 --pretrained --data ~/data/flowers --ratio 8 --ratio 16 "
+                           "--freeze-base --out flowers.jsonl --plot pareto.png", "", "See docs/sweep.md."))
+    p.add_argument("model", help="torchvision or timm model name; tv:NAME / timm:NAME forces the source")
+    p.add_argument("--data", required=True, help="'digits' (offline, scikit-learn) or an ImageFolder directory")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", metavar="FILE", help="local base checkpoint (safetensors or torch.save)")
+    w.add_argument("--pretrained", action="store_true", help="download the default pretrained weights")
+    p.add_argument("--rules", action="append", metavar="RULES",
+                   help="rules file or preset; repeat for several (default all_stages)")
+    p.add_argument("--variant", action="append", metavar="V", help="override every rule's variant; repeatable")
+    p.add_argument("--ratio", action="append", type=float, metavar="R", help="override every rule's ratio; repeatable")
+    p.add_argument("--module", action="append", metavar="M", help="override every rule's module; repeatable")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per setting (default 1)")
+    p.add_argument("--epochs", type=int, default=1, help="training epochs per trial")
+    p.add_argument("--max-steps", type=int, default=None, help="stop each trial after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the base model")
+    p.add_argument("--se-lr", type=float, default=1e-2, help="learning rate of the SE modules")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    p.add_argument("--freeze-base", action="store_true", help="train only the SE modules (the baseline then "
+                                                                "is the base model as loaded)")
+    p.add_argument("--input-size", type=int, default=None, metavar="N",
+                   help="square input size (default 32 for digits, else 224)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda where there is one")
+    p.add_argument("--workers", type=int, default=4, help="data loader workers (ImageFolder only)")
+    p.add_argument("--out", default="sweep.jsonl", help="JSON lines file, appended to (default sweep.jsonl)")
+    p.add_argument("--plot", metavar="FILE.png", help="accuracy against added parameters, with the Pareto front")
+    p.add_argument("--trial", metavar="I/N", default=None,
+                   help="run only every N-th trial starting at I (0 <= I < N), to share a sweep between machines")
+    p.set_defaults(fn=_cmd_sweep)
+
+
+# ---------------------------------------------------------------- end of sweep block
 
 
 def parser() -> argparse.ArgumentParser:
@@ -481,6 +595,8 @@ def parser() -> argparse.ArgumentParser:
         description="List the rule presets shipped with se-surgery; pass a name to --rules or 'check'.",
         epilog=_examples("se-surgery presets", "se-surgery plan resnet50 --rules no_last_stage"))
     p.set_defaults(fn=_cmd_presets)
+
+    _add_sweep_parser(sub)
     return ap
 
 

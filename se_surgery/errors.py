@@ -50,3 +50,7 @@ class UnknownModelError(SESurgeryError, ValueError):
 
 class SESurgeryWarning(UserWarning):
     """A setting that had no effect, such as a rule that selects no site."""
+
+
+class ModuleError(SESurgeryError, ValueError):
+    """A channel-attention module name, factory, plugin or option is invalid."""

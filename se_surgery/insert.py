@@ -1,71 +1,40 @@
-"""Insertion: rewrite the forward of each module that owns a selected site."""
+"""Insertion: rewrite the graph of each module that owns a planned site, then swap it in."""
 
 from __future__ import annotations
 
 import copy
-import warnings
-from collections import OrderedDict
+import itertools
+import operator
 
+import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from .errors import PlanError, SESurgeryWarning, TraceError
-from .plan import Plan, PlannedSite, plan as make_plan
+from . import modules
+from .errors import ModelTypeError, PlanError, TraceError
+from .inner import inline_path
+from .nodes import add_operands, ancestors, is_activation_module
+from .patch import OwnerPatch, patched_class, source_of, swap
+from .plan import Plan, PlannedSite, fingerprint, plan as make_plan
 from .se import SqueezeExcite
-from .sites import add_operands, is_add, is_cat, is_join
-from .shapes import annotate_call, record_calls
-from .trace import concrete_args_for, eval_mode, model_device_dtype, trace_local
+from .trace import ModuleGraph
 
-__all__ = ["apply", "build_owner"]
+__all__ = ["apply", "build_patches"]
 
-_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish, nn.CELU, nn.SELU)
-_ACTIVATION_NAMES = {"ReLU", "ReLU6", "GELU", "GELUTanh", "QuickGELU", "SiLU", "Swish", "HardSwish", "Hardswish",
-                     "Mish", "LeakyReLU", "ELU"}
-_ACTIVATION_FUNCTIONS = {F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.elu, F.mish}
-_ACTIVATION_METHODS = {"relu", "relu_", "gelu", "silu", "silu_"}
-_SHAPE_READS = {"size", "dim", "shape"}
+_FRESH_OUTPUT = (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+_ACTIVATION_FUNCTIONS = {torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu_, nn.functional.gelu,
+                         nn.functional.silu, nn.functional.hardswish, nn.functional.relu6}
 
 
 def _is_activation(n: fx.Node, owner: nn.Module) -> bool:
     if n.op == "call_module":
-        m = owner.get_submodule(n.target)
-        return isinstance(m, _ACTIVATION_MODULES) or type(m).__name__ in _ACTIVATION_NAMES
+        try:
+            return is_activation_module(owner.get_submodule(n.target))
+        except AttributeError:
+            return False
     if n.op == "call_function":
-        import torch
-
-        return n.target in _ACTIVATION_FUNCTIONS or n.target in (torch.relu, torch.relu_)
-    return n.op == "call_method" and n.target in _ACTIVATION_METHODS
-
-
-def _data_inputs(n: fx.Node) -> list[fx.Node]:
-    # Without shapes in the local graph, shape reads are the edges that carry no data.
-    return [a for a in n.all_input_nodes
-            if not (a.op == "call_method" and a.target in _SHAPE_READS)
-            and not (a.op == "call_function" and getattr(a.target, "__name__", "") == "getattr")]
-
-
-def _ancestors(n: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = _data_inputs(n)
-    while stack:
-        a = stack.pop()
-        if a not in seen:
-            seen.add(a)
-            stack.extend(_data_inputs(a))
-    return seen
-
-
-def _se_name(owner: nn.Module, k: int, taken: set[str]) -> str:
-    base = "se" if k == 1 else f"se_{k}"
-    name = base
-    while hasattr(owner, name) or name in taken:
-        name = "se_inserted" if name == base else name + "_"
-    taken.add(name)
-    return name
-
-
-_FRESH_OUTPUT = (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+        return n.target in _ACTIVATION_FUNCTIONS
+    return n.op == "call_method" and n.target in ("relu", "relu_", "gelu", "silu", "silu_")
 
 
 def _private_fresh(branch: fx.Node, join: fx.Node, owner: nn.Module) -> bool:
@@ -80,9 +49,15 @@ def _private_fresh(branch: fx.Node, join: fx.Node, owner: nn.Module) -> bool:
     return type(m) in _FRESH_OUTPUT and not m._forward_hooks
 
 
-def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node, se_name: str) -> None:
+def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node, se_name: str,
+            se: nn.Module) -> None:
     site, variant = entry.site, entry.options.variant
-    if site.kind == "concat" or variant == "post":
+    if variant == "inner":  # ``node`` is the point inside the branch (see inner.py)
+        with graph.inserting_after(node):
+            new = graph.call_module(se_name, (node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        return
+    if site.kind != "residual" or variant == "post":
         target = node
         users = list(node.users)
         if variant == "post" and len(users) == 1 and _is_activation(users[0], owner):
@@ -92,13 +67,17 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
         target.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
         return
     ops = add_operands(node)
-    if len(ops) != 2 or not all(isinstance(o, fx.Node) for o in ops):
-        raise TraceError(f"site {site.name}: the join in {site.owner_type}.forward no longer has two tensor operands")
     branch, skip = ops[site.branch_arg], ops[1 - site.branch_arg]
-    if variant == "standard":
+    if variant == "standard" and not modules.supports_skip(se):  # a user's module: skip + module(branch)
+        with graph.inserting_before(node):
+            new = graph.call_function(operator.add, (skip, graph.call_module(se_name, (branch,))))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    elif variant == "standard":
         # One fused addcmul (skip + branch * gate) instead of a mul and an add; written
         # into the branch's own fresh tensor where nothing else can see it (inference).
-        kwargs = {"inplace": True} if _private_fresh(branch, node, owner) else {}
+        fresh = isinstance(se, SqueezeExcite) and _private_fresh(branch, node, owner)
+        kwargs = {"inplace": True} if fresh else {}
         with graph.inserting_before(node):
             new = graph.call_module(se_name, (branch, skip), kwargs)
         node.replace_all_uses_with(new)
@@ -108,235 +87,153 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
             new = graph.call_module(se_name, (skip,))
         node.replace_input_with(skip, new)
     elif variant == "pre":
-        anc_b, anc_s = _ancestors(branch) | {branch}, _ancestors(skip) | {skip}
-        common = [c for c in anc_b & anc_s if c.op != "get_attr"]
-        if not common:
-            raise TraceError(f"site {site.name}: no common input of the two paths in {site.owner_type}.forward")
+        anc_b, anc_s = ancestors(branch) | {branch}, ancestors(skip) | {skip}
         order = {n: i for i, n in enumerate(graph.nodes)}
-        fork = max(common, key=order.__getitem__)
+        fork = max((c for c in anc_b & anc_s if c.op != "get_attr"), key=order.__getitem__)
         users = [u for u in fork.users if u in anc_b and u not in anc_s and u is not node]
-        if not users:
-            raise TraceError(f"site {site.name}: the residual branch does not start at the block's input")
         with graph.inserting_after(fork):
             new = graph.call_module(se_name, (fork,))
         for u in users:
             u.replace_input_with(fork, new)
-    else:  # pragma: no cover - rules validation rejects other variants
+    else:  # pragma: no cover - the plan rejects other variants
         raise PlanError(f"unknown variant {variant!r}")
 
 
-def _local_graph(module: nn.Module, path: str, calls: list | None = None) -> fx.Graph:
-    """Trace the owner's own forward as the model calls it (``calls``, see
-    :func:`~se_surgery.shapes.record_calls`); refuse owners whose forward depends on ``training``."""
-    concrete = concrete_args_for(module, path, [c[0] for c in calls or ()])
-    # The caller holds eval_mode(module), which restores every module's own flag.
-    module.train(False)
-    graph = trace_local(module, path, concrete)
-    module.train(True)
-    other = trace_local(module, path, concrete)
-    if graph.python_code("self").src != other.python_code("self").src:
-        raise TraceError(
-            f"cannot rewrite {path or '<model>'} ({type(module).__name__}): its forward takes different paths in "
-            "train and eval mode, which one fx graph cannot express"
-        )
-    return graph
+def _se_name(owner: nn.Module, k: int, taken: set[str]) -> str:
+    base = "se" if k == 1 else f"se_{k}"
+    name = base
+    while hasattr(owner, name) or name in taken:
+        name = "se_inserted" if name == base else name + "_"
+    taken.add(name)
+    return name
 
 
-def build_owner(module: nn.Module, path: str, entries: list[PlannedSite], *, input_size=None,
-                rules=None, calls: list | None = None, device_dtype=None) -> fx.GraphModule:
-    """A GraphModule computing ``module``'s forward with SE at the given sites.
+def _device_dtype(module: nn.Module, fallback: tuple) -> tuple:
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return fallback
 
-    The result shares every child, parameter and buffer with ``module`` (same objects,
-    same names, same order) and adds the SE modules after them. ``input_size`` and
-    ``rules`` are the plan's; each SE module keeps them so that ``save_se`` can record
-    the surgery and ``load_se`` redo it at the same size. SE modules are created on the
-    block's device and dtype (``device_dtype``, the model's, for a block without tensors).
-    """
-    with eval_mode(module):  # restores training flags and what tracing writes into attributes (caches)
-        graph = _local_graph(module, path, calls)
-    # Count joins of tensors only, as discovery does: with shapes from how the model
-    # calls the block, arithmetic on sizes (1 + H * W) is told apart from real joins.
-    shaped = bool(calls) and annotate_call(module, graph, calls[0][1])
-    joins = [n for n in graph.nodes if is_join(n) and (n.meta.get("tensor") or not shaped)]
-    device, dtype = model_device_dtype(module, device_dtype)
+
+def _make_module(entry: PlannedSite, device, dtype) -> nn.Module:
+    o = entry.options
+    return modules.create(o.module, entry.se_channels, o.module_options(), channel_dim=entry.site.channel_dim,
+                          device=device, dtype=dtype)
+
+
+def _inner_node(graph: fx.Graph, owner: nn.Module, mg: ModuleGraph, site, p: Plan) -> fx.Node:
+    """The node after which ``inner`` SE goes, in ``graph``, inlining the modules on the way."""
+    *chain, node = site.inner
+    graphs, path, current = [], mg.path, mg
+    for name in chain:
+        target = current.node(name).target
+        path = f"{path}.{target}" if path else target
+        current = p.discovery.graph_of(path)
+        module = owner.get_submodule(path[len(mg.path) + 1:] if mg.path else path)
+        if module._forward_hooks or module._forward_pre_hooks:
+            raise PlanError(f"site {site.name}: variant 'inner' would inline {path} ({type(module).__name__}), "
+                            "which has hooks that would then no longer run; remove them or use another variant")
+        graphs.append(current)
+    return inline_path(graph, tuple(chain), node, graphs)
+
+
+def rewrite(mg: ModuleGraph, owner: nn.Module, entries: list[PlannedSite], p: Plan, fallback) -> OwnerPatch:
+    """The patch for one owner: its planned graph with SE at ``entries``, and the SE modules."""
+    graph = copy.deepcopy(mg.graph)  # the plan's graph stays as the user reviewed it
+    nodes = {n.name: n for n in graph.nodes}
+    device, dtype = _device_dtype(owner, fallback)
     taken: set[str] = set()
-    new_modules: dict[str, SqueezeExcite] = {}
-    # A module the model calls several times (a shared block) performs its joins once per
-    # call: discovery numbers them on across calls, one graph holds them once.
-    n_calls = len(calls) if calls else 1
-    done: dict[int, str] = {}
-    k = 0
-    for entry in entries:
-        site = entry.site
-        if site.join_index >= len(joins) * n_calls:
-            raise TraceError(f"site {site.name}: {type(module).__name__}.forward has only {len(joins)} joins")
-        index = site.join_index % len(joins)
-        if index in done:
-            warnings.warn(f"site {site.name} is the join of site {done[index]} again (the model calls {path} "
-                          f"{n_calls} times): both share one SE module", SESurgeryWarning, stacklevel=3)
-            continue
-        done[index] = site.name
-        k += 1
-        node = joins[index]
-        if (site.kind == "residual") != is_add(node) or (site.kind == "concat") != is_cat(node):
-            raise TraceError(f"site {site.name}: join {site.join_index} of {type(module).__name__}.forward "
-                             f"is {node.format_node()}, not a {site.kind}")
-        name = _se_name(module, k, taken)
-        o = entry.options
-        se = SqueezeExcite(entry.se_channels, o.ratio, divisor=o.divisor, min_hidden=o.min_hidden,
-                           squeeze=o.squeeze, gate=o.gate, init=o.init, bias=o.bias,
-                           channel_dim=site.channel_dim, device=device, dtype=dtype)
-        se.train(module.training)
-        se.se_site, se.se_options, se.se_rule = site, o, entry.rule
-        se.se_input_size, se.se_rules = input_size, rules
-        new_modules[name] = se
-        _insert(graph, module, entry, node, name)
+    added: dict[str, nn.Module] = {}
+    model_sites = tuple((e.site.name, e.site.kind, e.site.channels) for e in p.entries)  # the checkpoint fingerprint
+    for k, entry in enumerate(entries, 1):
+        name = _se_name(owner, k, taken)
+        se = _make_module(entry, device, dtype)
+        se.train(owner.training)
+        # What save_se records, and report reads: the site, the options, the rule that decided.
+        se.se_site, se.se_options, se.se_rule = entry.site, entry.options, entry.rule
+        se.se_input_size, se.se_rules, se.se_model_sites = p.input_size, p.rules, model_sites
+        added[name] = se
+        if entry.options.variant == "inner":
+            node = _inner_node(graph, owner, mg, entry.site, p)
+        else:
+            node = nodes[entry.site.node]
+        _insert(graph, owner, entry, node, name, se)
     graph.lint()
-    # Same children, parameters and buffers under the same names and order as the
-    # original, so every state_dict key and tensor is unchanged. GraphModule's own
-    # constructor keeps only what the graph uses, so the dicts are set again after it.
-    state = {
-        "_modules": OrderedDict(module._modules, **new_modules),
-        "_parameters": OrderedDict(module._parameters),
-        "_buffers": OrderedDict(module._buffers),
-    }
-    root = nn.Module()
-    root.__dict__.update(state)
-    gm = SEGraphModule(root, graph, class_name=type(module).__name__)
-    gm.__dict__.update(state)
-    gm._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    gm.training = module.training
-    for key, value in module.__dict__.items():
-        if not key.startswith("_") and key not in gm.__dict__ and not hasattr(type(gm), key):
-            gm.__dict__[key] = value  # plain attributes users read (stride, drop_path_rate, ...)
-    # strip() rebuilds the original block from this shell: its class and plain state,
-    # without children or tensors (those live on in the GraphModule).
-    shell = module.__class__.__new__(module.__class__)
-    shell.__dict__.update(module.__dict__)
-    shell.__dict__.update(_modules=OrderedDict((k, None) for k in module._modules), _parameters=OrderedDict(),
-                          _buffers=OrderedDict())
-    gm.__dict__["se_surgery_original"] = shell
-    return gm
+    cls = patched_class(type(owner), source_of(graph), tuple(added), mg.constants)
+    return OwnerPatch(mg.path, cls, added)
 
 
-_FORCED = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set", "training")
-
-
-class SEGraphModule(fx.GraphModule):
-    """A block whose forward se-surgery rewrote to call SE modules.
-
-    A plain ``GraphModule`` keeps only what its graph uses when it is copied or
-    unpickled; this one keeps the block's every child, tensor, attribute and their
-    order, so ``copy.deepcopy`` and ``pickle`` give back the same ``state_dict`` and
-    :func:`se_surgery.strip` still finds the original class.
-    """
-
-    def __deepcopy__(self, memo):
-        res = type(self).__new__(type(self))
-        memo[id(self)] = res
-        body = copy.deepcopy(self.__dict__, memo)
-        _init_from_body(res, body, body["_graph"], type(self).__name__)
-        return res
-
-    def __reduce__(self):
-        fn, args = super().__reduce__()
-        return (_rebuild, (fn, args, type(self).__name__))
-
-
-class _Holder(nn.Module):
-    def __init__(self, body: dict):
-        super().__init__()
-        self.__dict__ = body
-
-
-def _init_from_body(res: SEGraphModule, body: dict, graph: fx.Graph, class_name: str) -> None:
-    SEGraphModule.__init__(res, _Holder(body), graph, class_name=class_name)
-    for k in _FORCED:
-        res.__dict__[k] = body[k]
-    for k, v in body.items():
-        if k not in res.__dict__:
-            res.__dict__[k] = v
-
-
-def _rebuild(fn, args, class_name: str) -> SEGraphModule:
-    """Unpickle: let torch rebuild a GraphModule, then restore what it dropped."""
-    plain = fn(*args)
-    res = SEGraphModule.__new__(SEGraphModule)
-    _init_from_body(res, args[0], plain.graph, class_name)
-    return res
-
-
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` where the module at ``path`` is, and wherever else the model holds
-    that same object (a block shared by several parents, as CoaT's ``cpe``)."""
-    old = model.get_submodule(path)
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if child is old:
-                parent._modules[name] = module
+def build_patches(model: nn.Module, p: Plan) -> list[OwnerPatch]:
+    """Every owner's patch for ``model``, built without changing it."""
+    by_owner: dict[str, list[PlannedSite]] = {}
+    for e in p.selected:
+        by_owner.setdefault(e.site.owner, []).append(e)
+    fallback = _device_dtype(model, (torch.device("cpu"), torch.get_default_dtype()))
+    patches = []
+    for owner, entries in by_owner.items():
+        mg = p.discovery.graph_of(owner)
+        module = model.get_submodule(owner) if owner else model
+        patches.append(rewrite(mg, module, entries, p, fallback))
+    return patches
 
 
 def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False, inplace: bool = False,
-          _discovery=None) -> nn.Module:
+          tracer_kwargs=None) -> nn.Module:
     """Insert SE modules into ``model`` where ``rules`` say, keeping every weight.
 
-    The plan is resolved and validated in full first; the model is then copied (unless
-    ``inplace=True``) and only the modules that own a selected site are replaced by
-    rewritten ``torch.fx.GraphModule``s that share the original children. The returned
-    model has the same class; every original ``state_dict`` key and tensor is unchanged
-    and SE weights appear under ``<owner>.se...``. On any error the given model is
-    exactly as it was.
+    ``rules`` may be a :class:`~se_surgery.Plan` from :func:`se_surgery.plan`: what
+    the user reviewed is then exactly what is cut (a plan made for a model of another
+    structure is refused). Otherwise the plan is made here, resolved and validated in
+    full first. The model is copied (unless ``inplace=True``); each module that owns a
+    selected site stays the same object, with its class replaced by a generated
+    subclass whose forward calls the SE modules, added as its children. ``isinstance``,
+    methods and hooks survive; every original ``state_dict`` key and tensor is
+    unchanged and SE weights appear under ``<owner>.se...``. On any error, Ctrl-C
+    included, the given model is exactly as it was.
 
     Args:
         model: the model (torchvision, timm or any ``nn.Module``).
-        rules: path, preset name, dict, Rules or rule list; ``None`` = ``all_stages``.
+        rules: a Plan, path, preset name, dict, Rules or rule list; ``None`` = ``all_stages``.
         input_size: example input size used for discovery (shapes only).
-        strict: raise instead of warning for rules that select nothing and for blocks
-            that cannot be traced or rewritten.
+        strict: raise instead of warning for rules that select nothing and for modules
+            that cannot be traced.
         inplace: modify ``model`` itself instead of a copy.
+        tracer_kwargs: tracer options (see :func:`se_surgery.find_sites`).
 
     Example:
         >>> import torch, torchvision, se_surgery
+        >>> from torchvision.models.resnet import Bottleneck
         >>> base = torchvision.models.resnet50().eval()
         >>> model = se_surgery.apply(base, "all_stages")
         >>> type(model).__name__, sum(p.numel() for p in model.parameters()) - 25_557_032
         ('ResNet', 2530992)
+        >>> isinstance(model.layer1[0], Bottleneck)
+        True
         >>> x = torch.randn(1, 3, 224, 224)
         >>> torch.equal(model(x), base(x))
         True
     """
-    p: Plan = make_plan(model, rules, input_size=input_size, strict=strict, _discovery=_discovery)
-    if not p.entries:
-        raise PlanError(
-            f"found no residual or concat join in {type(model).__name__}: nothing to add SE to "
-            "(se-surgery sites MODEL shows what discovery saw)"
-        )
+    if not isinstance(model, nn.Module):
+        raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(rules, Plan):
+        p = rules
+        if p.discovery is None or p.fingerprint != fingerprint(model):
+            raise PlanError(f"this plan was made for another model ({p.model}); make one for this "
+                            f"{type(model).__name__} with se_surgery.plan(model, rules)")
+        if input_size is not None or tracer_kwargs is not None:
+            raise PlanError("input_size and tracer_kwargs belong to plan(); a Plan passed to apply() already has them")
+    else:
+        p = make_plan(model, rules, input_size=input_size, strict=strict, tracer_kwargs=tracer_kwargs)
+    if not p.selected:
+        d = p.discovery
+        if d is not None and d.stopped:
+            raise TraceError(f"found no site in {type(model).__name__}: its forward failed on a fake input of size "
+                             f"{'x'.join(map(str, p.input_size))}: {d.stopped}")
+        why = "it has no residual, branch-sum or concat join" if not p.entries else \
+            f"the rules select none of its {len(p.entries)} site(s)"
+        raise PlanError(f"nothing to add SE to in {type(model).__name__}: {why} (se-surgery sites MODEL shows what "
+                        "discovery saw)")
     target = model if inplace else copy.deepcopy(model)
-    by_owner: dict[str, list[PlannedSite]] = {}
-    for e in p.selected:
-        by_owner.setdefault(e.site.owner, []).append(e)
-    built: dict[str, nn.Module] = {}
-    owners = {owner: target.get_submodule(owner) if owner else target for owner in by_owner}
-    calls = record_calls(target, owners, p.input_size)  # how the model calls each owner
-    device_dtype = model_device_dtype(target)
-    for owner, entries in by_owner.items():
-        module = owners[owner]
-        try:
-            built[owner] = build_owner(module, owner, entries, input_size=p.input_size, rules=p.rules,
-                                       device_dtype=device_dtype,
-                                       calls=calls.get(owner))
-        except TraceError as e:
-            if strict:
-                raise
-            warnings.warn(f"{e}; skipped site(s) {', '.join(x.site.name for x in entries)}",
-                          SESurgeryWarning, stacklevel=2)
-    # Nothing has been changed so far; swapping in cannot fail. Parents first, so a
-    # nested owner is set on its parent's replacement.
-    for owner in sorted(built, key=lambda o: (o.count(".") + bool(o), o)):
-        if owner:
-            _set(target, owner, built[owner])
-    if "" in built:
-        warnings.warn(f"joins in {type(model).__name__}.forward itself: the returned model is an fx GraphModule, "
-                      f"not a {type(model).__name__}", SESurgeryWarning, stacklevel=2)
-        return built[""]
+    patches = build_patches(target, p)
+    swap(target, patches)
     return target

@@ -2,28 +2,43 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import AlreadyPatchedError, ModelTypeError, PlanError
+from .errors import AlreadyPatchedError, ModelTypeError, PlanError, TraceError
 from .errors import SESurgeryWarning
+from . import modules
 from .rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
-from .se import SqueezeExcite, hidden_channels
 from .sites import Discovery, Site, discover
 
-__all__ = ["Plan", "PlannedSite", "plan", "match", "is_patched", "se_modules"]
+__all__ = ["Plan", "PlannedSite", "plan", "match", "is_patched", "se_modules", "fingerprint"]
 
 
-def se_modules(model: nn.Module) -> list[tuple[str, SqueezeExcite]]:
-    """(dotted name, module) of every SE module se-surgery inserted into ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SqueezeExcite) and hasattr(m, "se_site")]
+def se_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(dotted name, module) of every module se-surgery inserted into ``model``."""
+    return [(n, m) for n, m in model.named_modules() if "se_site" in m.__dict__]
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Whether ``model`` carries SE modules inserted by se-surgery."""
-    return bool(se_modules(model))
+    """Whether ``model`` carries modules inserted by se-surgery."""
+    return any("se_site" in m.__dict__ or hasattr(type(m), "_se_surgery_base") for m in model.modules())
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A digest of the model's structure: its class, every module's path and class, and
+    every parameter and buffer's name and shape. Two models with the same fingerprint
+    accept the same plan (weights and dtype may differ)."""
+    h = hashlib.sha256()
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for name, m in model.named_modules(remove_duplicate=False):
+        h.update(f"|{name}:{type(m).__module__}.{type(m).__qualname__}".encode())
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        h.update(f"|{name}{tuple(t.shape)}".encode())
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -38,23 +53,29 @@ class PlannedSite:
 
     @property
     def se_channels(self) -> int:
-        """Channels the SE module scales (the block input's for the ``pre`` variant)."""
-        if self.options is not None and self.options.variant == "pre":
+        """Channels the SE module scales (the block input's for ``pre``, the branch's
+        inside for ``inner``)."""
+        variant = self.options.variant if self.options is not None else None
+        if variant == "pre":
             return self.site.in_channels
+        if variant == "inner":
+            return self.site.inner_channels
         return self.site.channels
 
     @property
     def se_spatial(self) -> tuple[int, int]:
-        if self.options is not None and self.options.variant == "pre":
+        variant = self.options.variant if self.options is not None else None
+        if variant == "pre":
             return self.site.in_spatial
+        if variant == "inner":
+            return self.site.inner_spatial
         return self.site.spatial
 
     @property
     def hidden(self) -> int | None:
         if self.options is None:
             return None
-        o = self.options
-        return hidden_channels(self.se_channels, o.ratio, o.divisor, o.min_hidden)
+        return modules.hidden(self.options.module, self.se_channels, self.options.module_options())
 
 
 @dataclass
@@ -67,6 +88,8 @@ class Plan:
     entries: list[PlannedSite]
     untraced: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    fingerprint: str = ""  # of the model planned for (see fingerprint()); apply refuses others
+    discovery: Discovery | None = field(default=None, repr=False, compare=False)  # the graphs apply rewrites
 
     @property
     def selected(self) -> list[PlannedSite]:
@@ -77,9 +100,12 @@ class Plan:
         for e in self.entries:
             s = e.site
             rows.append({
-                "site": s.name, "kind": s.kind, "stage": s.stage, "block": s.block, "channels": s.channels,
+                # The channels SE scales: the block input's for 'pre' (as report shows them).
+                "site": s.name, "kind": s.kind, "stage": s.stage, "block": s.block, "channels": e.se_channels,
                 "se": "yes" if e.selected else "-", "variant": e.options.variant if e.options else "",
-                "ratio": e.options.ratio if e.options else "", "hidden": e.hidden or "",
+                "module": e.options.module if e.options else "",
+                "ratio": modules.resolve_options(e.options.module, e.options.module_options()).get("ratio", "")
+                if e.options else "", "hidden": e.hidden or "",
                 "rule": "" if e.rule is None else e.rule,
             })
         return rows
@@ -124,10 +150,10 @@ def match(rules: Rules, sites: list[Site]) -> list[PlannedSite]:
         if not chosen or rules.rules[chosen[-1]].skip:
             out.append(PlannedSite(s, False, None, chosen[-1] if chosen else None, chosen))
             continue
-        opts = rules.defaults.to_dict()
+        opts: SEOptions = rules.defaults
         for i in chosen:
-            opts.update(rules.rules[i].options)
-        out.append(PlannedSite(s, True, SEOptions(**opts), chosen[-1], chosen))
+            opts = opts.merged(rules.rules[i].options)
+        out.append(PlannedSite(s, True, opts.resolved(), chosen[-1], chosen))
     return out
 
 
@@ -161,16 +187,20 @@ def _check_ranges(rules: Rules, sites: list[Site], model_name: str) -> None:
                     )
 
 
-def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False,
-         _discovery: Discovery | None = None) -> Plan:
+def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False, tracer_kwargs=None) -> Plan:
     """Match ``rules`` against the sites of ``model`` without changing anything.
 
+    The returned :class:`Plan` is exactly what :func:`se_surgery.apply` cuts when it is
+    passed as ``rules``: it holds the graphs the sites were found in.
+
     Args:
-        model: the model to plan for (not modified).
+        model: the model to plan for (not modified, not run).
         rules: path, preset name, dict, :class:`~se_surgery.rules.Rules` or rule list;
             ``None`` is the ``all_stages`` preset.
         input_size: example input size for shapes (see :func:`find_sites`).
         strict: turn warnings (a rule selecting nothing, untraceable blocks) into errors.
+        tracer_kwargs: tracer options for models that do not trace as they are (see
+            :func:`~se_surgery.find_sites`).
 
     Example:
         >>> import torchvision, se_surgery
@@ -186,11 +216,33 @@ def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False,
             "call se_surgery.strip(model) first to start from the original model"
         )
     rules = load_rules(rules)
-    d = _discovery or discover(model, input_size)
+    d = discover(model, input_size, tracer_kwargs=tracer_kwargs)
+    return plan_from(model, rules, d, strict=strict)
+
+
+def plan_from(model: nn.Module, rules: Rules, d: Discovery, *, strict: bool = False,
+              entries: list[PlannedSite] | None = None) -> Plan:
+    """Validate ``rules`` (or given ``entries``) against a discovery; warn and build the Plan."""
     name = type(model).__name__
-    _check_ranges(rules, d.sites, name)
-    entries = match(rules, d.sites)
+    if d.stopped and not d.sites:
+        raise TraceError(f"cannot plan for {name}: its forward failed on a fake input of size "
+                         f"{'x'.join(map(str, d.input_size))}: {d.stopped}")
     notes: list[str] = []
+    if entries is None:
+        _check_ranges(rules, d.sites, name)
+        entries = match(rules, d.sites)
+        used = {i for e in entries for i in e.matched}
+        for i in range(len(rules.rules)):
+            if i not in used:
+                msg = f"{rules.where('rules', i)}: rule {i} selects no site of {name} ({len(d.sites)} sites; " \
+                      f"se-surgery sites MODEL lists them)"
+                if strict:
+                    raise PlanError(msg)
+                notes.append(msg)
+        for msg in rules.unused_options((e.matched, e.options.module) for e in entries if e.selected):
+            if strict:
+                raise PlanError(msg)
+            notes.append(msg)
     bad = [e.site.name for e in entries
            if e.selected and e.options.variant not in VARIANTS_BY_KIND[e.site.kind]]
     if bad:
@@ -198,7 +250,7 @@ def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False,
         raise PlanError(
             f"{rules.where('rules', e0.rule)}: rule {e0.rule}, key 'variant': variant "
             f"{e0.options.variant!r} is not allowed at {e0.site.kind} site(s) {', '.join(bad[:5])}"
-            f"{' ...' if len(bad) > 5 else ''}; concat sites allow only 'standard' "
+            f"{' ...' if len(bad) > 5 else ''}; {e0.site.kind} sites allow only 'standard' "
             f"(add kind: residual to the rule's select)"
         )
     no_fork = [e for e in entries if e.selected and e.options.variant == "pre" and e.site.in_channels is None]
@@ -207,23 +259,20 @@ def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False,
             f"{rules.where('rules', no_fork[0].rule)}: rule {no_fork[0].rule}, key 'variant': 'pre' needs the "
             f"block's input to be a 4-D map, which it is not at {no_fork[0].site.name}; use another variant"
         )
-    used = {i for e in entries for i in e.matched}
-    for i in range(len(rules.rules)):
-        if i not in used:
-            msg = f"{rules.where('rules', i)}: rule {i} selects no site of {name} ({len(d.sites)} sites; " \
-                  f"se-surgery sites MODEL lists them)"
-            if strict:
-                raise PlanError(msg)
-            notes.append(msg)
+    no_inner = [e for e in entries if e.selected and e.options.variant == "inner" and e.site.inner is None]
+    if no_inner:
+        raise PlanError(
+            f"{rules.where('rules', no_inner[0].rule)}: rule {no_inner[0].rule}, key 'variant': 'inner' needs a "
+            f"spatial convolution in the residual branch, and {no_inner[0].site.name} has none; use another variant"
+        )
     if d.untraced:
         listed = "; ".join(f"{p} ({why})" for p, why in d.untraced)
         if strict:
             raise PlanError(f"strict: {len(d.untraced)} module(s) could not be traced, their joins were not "
                             f"searched: {listed}")
     for msg in notes:
-        warnings.warn(msg, SESurgeryWarning, stacklevel=2)
+        warnings.warn(msg, SESurgeryWarning, stacklevel=3)
     if d.untraced:  # listed in Plan.untraced; said once here for callers who only see warnings
         warnings.warn(f"{len(d.untraced)} module(s) of {name} could not be traced, their joins were not searched "
-                      f"(strict=True makes this an error): {listed}", SESurgeryWarning, stacklevel=2)
-    return Plan(name, d.input_size, rules, entries, list(d.untraced), notes)
-
+                      f"(strict=True makes this an error): {listed}", SESurgeryWarning, stacklevel=3)
+    return Plan(name, d.input_size, rules, entries, list(d.untraced), notes, fingerprint(model), d)

@@ -18,17 +18,19 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import modules
 from .errors import PlanError, TraceError
+from .fake import run_copy
 from .plan import is_patched, plan, se_modules
-from .shapes import fake_mode
 from .sites import resolve_input_size
-from .trace import eval_mode, model_device_dtype
+from .trace import short_error
 
 __all__ = ["CSV_COLUMNS", "FOOTER", "FORMATS", "Report", "SiteRow", "report", "se_macs", "se_params"]
 
 FOOTER = (
     "MACs = multiply-accumulates per image (the paper's GFLOPs): base from torch.utils.flop_counter / 2; "
-    "SE = its two FCs + 1 op per element for the squeeze + 1 for the scale."
+    "SE = its two FCs + 1 op per element for the squeeze + 1 for the scale; other modules: their FC/conv MACs + "
+    "1 op per element per pool and per scale (docs/modules.md)."
 )
 FORMATS = ("table", "markdown", "json", "csv")
 # CSV: 'row' is "site" for each SE module, then "added" (the sum of the site rows) and
@@ -66,9 +68,10 @@ class SiteRow:
     stage: int
     variant: str
     channels: int
-    hidden: int
+    hidden: int | None  # bottleneck width; None for modules without one (ese, eca)
     params: int
     macs: int
+    module: str = "se"
 
 
 @dataclass
@@ -178,25 +181,17 @@ class Report:
         return self.render("table")
 
 
-def _count(model: nn.Module, size: tuple[int, int, int], hooks_on=()) -> tuple[int, dict]:
-    """Flop-counted MACs of one fake forward, and the input shape seen by each hooked module."""
-    device, dtype = model_device_dtype(model)
-    seen: dict[int, tuple] = {}
+def _count(model: nn.Module, size: tuple[int, int, int], watch=()) -> tuple[int, dict]:
+    """Flop-counted MACs of one fake forward, and the input shape each watched module sees.
 
-    def record(mod, args):
-        seen.setdefault(id(mod), tuple(args[0].shape))
-
-    handles = [m.register_forward_pre_hook(record) for m in hooks_on]
+    The forward runs on a structural copy (fake tensors, no hooks): the user's model
+    runs nothing and keeps every attribute.
+    """
     try:
-        with eval_mode(model), torch.no_grad(), fake_mode():
-            x = torch.empty((1, *size), device=device, dtype=dtype)
-            with FlopCounterMode(display=False) as counter:
-                model(x)
+        with FlopCounterMode(display=False) as counter:
+            seen = run_copy(model, size, watch)
     except Exception as e:
-        raise TraceError(f"cannot count the MACs of {type(model).__name__} on fake tensors: {type(e).__name__}: {e}") from e
-    finally:
-        for h in handles:
-            h.remove()
+        raise TraceError(f"cannot count the MACs of {type(model).__name__} on fake tensors: {short_error(e)}") from e
     return int(counter.get_total_flops()) // 2, seen
 
 
@@ -221,24 +216,28 @@ def report(model: nn.Module, rules=None, *, input_size=None) -> Report:
                             "rules only apply to an unpatched model")
         mods = se_modules(model)
         total_macs, seen = _count(model, size, [m for _, m in mods])
-        rows = []
+        rows, fc_macs = [], 0  # fc_macs: what the flop counter counted inside the inserted modules
         for _, se in mods:
             shape = seen.get(id(se))
             if shape is None:
                 raise TraceError(f"SE module at {se.se_site.name} was not reached by a forward pass")
-            spatial = shape[2:4] if se.channel_dim == 1 else shape[1:3]
+            o = se.se_options
+            channels, spatial = (shape[1], shape[2:4]) if se.se_site.channel_dim == 1 else (shape[3], shape[1:3])
             params = sum(p.numel() for p in se.parameters())
-            rows.append(SiteRow(se.se_site.name, se.se_site.kind, se.se_site.stage, se.se_options.variant,
-                                se.channels, se.hidden, params, se_macs(se.channels, se.hidden, spatial, se.squeeze)))
-        fc_macs = sum(2 * se.channels * se.hidden for _, se in mods)
+            opts = o.module_options()
+            rows.append(SiteRow(se.se_site.name, se.se_site.kind, se.se_site.stage, o.variant, channels,
+                                modules.hidden(o.module, channels, opts), params,
+                                modules.count_macs(o.module, channels, spatial, opts), o.module))
+            fc_macs += modules.weight_macs(o.module, channels, spatial, opts)
         added = sum(r.params for r in rows)
         return Report(type(model).__name__, size, n_params - added, added, total_macs - fc_macs,
                       sum(r.macs for r in rows), rows, rules=None)
     p = plan(model, rules, input_size=size)
     base_macs, _ = _count(model, size)
     rows = [SiteRow(e.site.name, e.site.kind, e.site.stage, e.options.variant, e.se_channels, e.hidden,
-                    se_params(e.se_channels, e.hidden, e.options.bias),
-                    se_macs(e.se_channels, e.hidden, e.se_spatial, e.options.squeeze))
+                    modules.count_params(e.options.module, e.se_channels, e.options.module_options()),
+                    modules.count_macs(e.options.module, e.se_channels, e.se_spatial, e.options.module_options()),
+                    e.options.module)
             for e in p.selected]
     return Report(type(model).__name__, size, n_params, sum(r.params for r in rows), base_macs,
                   sum(r.macs for r in rows), rows, rules=p.rules.source)

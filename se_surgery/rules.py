@@ -12,15 +12,26 @@ structure, a :class:`Rules` object or a list of :class:`Rule` objects::
 Precedence (one order for everything): rules apply in file order. A site gets SE when
 at least one rule selects it and the last rule that selects it is not ``skip``; its
 options are ``defaults`` overlaid by every selecting rule's options, in order.
+
+``module`` (default ``se``) chooses what is inserted (see :mod:`se_surgery.modules`); it
+resolves by the same order. The resolved module is built from the options written in
+``defaults`` and in the selecting rules that its factory takes; options it does not take
+(``ratio`` in a preset's defaults at a site a rule gives ``module: eca``) are not passed
+to it, and options nobody wrote take the module's own defaults (``gc`` reduces by 8, not
+by the ``ratio`` default of ``se``). ``se`` itself is built from the SE fields of
+:class:`SEOptions`, as before. A key written in a rule that no module the rule can
+resolve to takes is an error; one that reaches no module in the model is a warning at
+plan time (an error with ``strict``).
 """
 
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import difflib
 import errno
 import fnmatch
 import importlib.resources
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -29,8 +40,9 @@ from typing import Any
 
 import yaml
 
-from .errors import MissingFileError, RuleError
-from .se import GATES, INITS, SQUEEZES
+from . import modules
+from .errors import MissingFileError, ModuleError, RuleError
+from .modules import DIVISOR_RANGE, MIN_HIDDEN_RANGE, RATIO_RANGE
 
 __all__ = [
     "DIVISOR_RANGE",
@@ -47,18 +59,11 @@ __all__ = [
     "preset_summaries",
 ]
 
-VARIANTS = ("standard", "pre", "post", "identity")
-KINDS = ("residual", "concat")
-VARIANTS_BY_KIND = {"residual": VARIANTS, "concat": ("standard",)}
+VARIANTS = ("standard", "pre", "post", "identity", "inner")
+KINDS = ("residual", "branch_sum", "concat")
+VARIANTS_BY_KIND = {"residual": VARIANTS, "branch_sum": ("standard",), "concat": ("standard",)}
 TOP_KEYS = ("defaults", "rules")
 
-# Bounds of the numeric SE options. Anything outside asks for a layer nobody means to
-# build (a ratio of 5e-324 is a hidden width of 1e325), so `check` refuses it before a
-# model is built rather than letting `plan` overflow. Below ratio 1/8 hidden exceeds 8x
-# the channels; above 4096 (more than any CNN's channel count) every site gets min_hidden.
-RATIO_RANGE = (0.125, 4096)
-DIVISOR_RANGE = (1, 512)
-MIN_HIDDEN_RANGE = (1, 4096)
 # A rules file is a few lines; these caps keep a hostile or mistaken file from
 # exhausting the parser (PyYAML's composer recurses once per nesting level).
 MAX_RULES_BYTES = 1 << 20
@@ -69,7 +74,7 @@ MAX_NESTING = 64
 class SEOptions:
     """Options of one inserted SE module (the ``defaults`` block and rule overrides)."""
 
-    variant: str = "standard"  # standard | pre | post | identity
+    variant: str = "standard"  # standard | pre | post | identity | inner
     ratio: float = 16  # reduction ratio r: hidden = channels / ratio; RATIO_RANGE
     divisor: int = 1  # round hidden to a multiple of this (timm uses 8); DIVISOR_RANGE
     min_hidden: int = 1  # lower bound on hidden before rounding; MIN_HIDDEN_RANGE
@@ -77,13 +82,76 @@ class SEOptions:
     squeeze: str = "avg"  # avg | max | avgmax
     gate: str = "sigmoid"  # sigmoid | hard_sigmoid
     bias: bool = True  # FCs with bias (timm's SEModule has them)
+    module: str = "se"  # what is inserted: se | ese | eca | gc | cbam | a registered name
+    # Options written for a module other than se (kernel_size, ratio for gc, ...), as
+    # sorted (key, value) pairs; a dict is accepted. In Rules.defaults: every option the
+    # defaults block wrote, for whichever module a rule resolves to.
+    extra: tuple = ()
+
+    def __post_init__(self):
+        extra = self.extra.items() if isinstance(self.extra, dict) else self.extra
+        object.__setattr__(self, "extra", tuple(sorted((str(k), v) for k, v in extra)))
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The fields, ``SEOptions(**o.to_dict()) == o``; ``module`` and ``extra`` only when
+        set, so that SE-only plans and checkpoints read as they did before the catalog."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("module", "extra")}
+        if self.module != "se":
+            out["module"] = self.module
+        if self.extra:
+            out["extra"] = dict(self.extra)
+        return out
+
+    def module_options(self) -> dict:
+        """The options the module is built with (its factory's keywords).
+
+        Example:
+            >>> SEOptions(ratio=8).module_options()["ratio"]
+            8
+            >>> SEOptions(module="eca", extra={"kernel_size": 5}).module_options()
+            {'kernel_size': 5}
+        """
+        if self.module == "se":  # a registration that replaced se gets the SE fields it takes
+            return {k: getattr(self, k) for k in SE_KEYS if modules.accepts("se", k)}
+        return dict(self.extra)
+
+    def rule_options(self) -> dict:
+        """These options as one rule would write them: re-resolved over default
+        :class:`SEOptions` they give back an equal object.
+
+        Example:
+            >>> SEOptions(module="eca", extra={"kernel_size": 5}).rule_options()
+            {'variant': 'standard', 'module': 'eca', 'kernel_size': 5}
+        """
+        out = {"variant": self.variant}
+        out.update({k: getattr(self, k) for k in SE_KEYS if getattr(self, k) != _SE_DEFAULTS[k]})
+        if self.module != "se":
+            out["module"] = self.module
+        out.update(self.extra)
+        return out
+
+    def merged(self, options: dict) -> SEOptions:
+        """These options overlaid by one selecting rule's ``options`` (precedence order).
+
+        Example:
+            >>> SEOptions().merged({"module": "gc"}).merged({"ratio": 4}).module_options()
+            {'ratio': 4}
+        """
+        own = {k: v for k, v in options.items() if k in _FIELDS}
+        written = {k: v for k, v in options.items() if k not in ("variant", "module", "extra")}
+        return SEOptions(**dict(self.to_dict(), **own, extra=dict(self.extra, **written)))
+
+    def resolved(self) -> SEOptions:
+        """Keep in ``extra`` only what the resolved module takes (nothing for se)."""
+        if self.module == "se":
+            return dataclasses.replace(self, extra=())
+        return dataclasses.replace(self, extra={k: v for k, v in self.extra if modules.accepts(self.module, k)})
 
 
-OPTION_KEYS = tuple(f.name for f in fields(SEOptions))
-_CHOICES = {"variant": VARIANTS, "init": INITS, "squeeze": SQUEEZES, "gate": GATES}
+SE_KEYS = ("ratio", "divisor", "min_hidden", "init", "squeeze", "gate", "bias")  # se's own options
+_SE_DEFAULTS = {f.name: f.default for f in fields(SEOptions)}
+_FIELDS = tuple(f.name for f in fields(SEOptions) if f.name != "extra")
+OPTION_KEYS = _FIELDS  # keys a defaults block or a rule may always write
 
 
 @dataclass(frozen=True)
@@ -126,7 +194,7 @@ class Selector:
 
 
 SELECT_KEYS = tuple(f.name for f in fields(Selector))
-RULE_KEYS = ("select", "skip") + OPTION_KEYS
+RULE_KEYS = ("select", "skip") + OPTION_KEYS  # and the options of the modules a rule names
 
 
 @dataclass(frozen=True)
@@ -160,7 +228,22 @@ class Rules:
     lines: dict = field(default_factory=dict, compare=False, repr=False)  # key path -> YAML line
 
     def to_dict(self) -> dict:
-        return {"defaults": self.defaults.to_dict(), "rules": [r.to_dict() for r in self.rules]}
+        """As a rules file would say it: ``load_rules(r.to_dict())`` resolves the same."""
+        return {"defaults": self.defaults.rule_options(), "rules": [r.to_dict() for r in self.rules]}
+
+    def unused_options(self, resolved: Iterable[tuple[tuple[int, ...], str]]) -> list[str]:
+        """Notes for rule options that reach no module: at every site the rule selects and
+        that gets a module, the module does not take the option (``kernel_size`` in a rule
+        whose sites all end up ``se``). ``resolved``: (selecting rule indices, module) per site.
+        """
+        used: dict[tuple[int, str], bool] = {}
+        for matched, module in resolved:
+            for i in matched:
+                for k in self.rules[i].options:
+                    if k not in ("variant", "module"):
+                        used[i, k] = used.get((i, k), False) or modules.accepts(module, k)
+        return [f"{self.where('rules', i, k)}: rule {i}, key {k!r}: no effect, no site it selects gets a module "
+                f"that takes {k!r}" for (i, k), hit in used.items() if not hit]
 
     def where(self, *path) -> str:
         """``file`` or ``file:line`` for a key path such as ("rules", 0, "stage")."""
@@ -385,22 +468,44 @@ class _Checker:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 self.fail(path + (k,), f"unknown {what} key {_show(k)}{hint}; allowed: {', '.join(allowed)}")
 
-    def option(self, path, key: str, value):
-        if key in _CHOICES:
-            if value not in _CHOICES[key]:
-                self.fail(path, f"{key} must be one of {', '.join(_CHOICES[key])}, got {_show(value)}")
-        elif key == "ratio":
-            lo, hi = RATIO_RANGE
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                    isinstance(value, float) and not math.isfinite(value)) or not lo <= value <= hi:
-                self.fail(path, f"ratio must be a number from {lo} to {hi}, got {_show(value)}")
-        elif key in ("divisor", "min_hidden"):
-            lo, hi = DIVISOR_RANGE if key == "divisor" else MIN_HIDDEN_RANGE
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                self.fail(path, f"{key} must be an integer from {lo} to {hi}, got {_show(value)}")
-        elif key == "bias" and not isinstance(value, bool):
-            self.fail(path, f"bias must be true or false, got {_show(value)}")
+    def module(self, path, value) -> str:
+        if not isinstance(value, str):
+            self.fail(path, f"module must be a module name ({', '.join(modules.module_names())}), got {value!r}")
+        try:
+            modules.option_names(value)
+        except ModuleError as e:
+            self.fail(path, str(e))
         return value
+
+    def options(self, path, mapping: dict, candidates: tuple[str, ...], what: str, fixed: tuple[str, ...]) -> dict:
+        """Check every key of ``mapping`` outside ``fixed``: some module in ``candidates``
+        (those the rule can resolve to) must take it, and each that does accepts its value."""
+        out = {}
+        for k, v in mapping.items():
+            if k in fixed:
+                continue
+            takers = [m for m in candidates if modules.accepts(m, k)]
+            if not takers:
+                self._not_taken(path + (k,), k, candidates, what, fixed)
+            for m in takers:
+                why = modules.check_option(m, k, v)
+                if why:
+                    self.fail(path + (k,), why)
+            out[k] = v
+        return out
+
+    def _not_taken(self, path, key, candidates, what, fixed):
+        own = [k for k in fixed if k != "module"]
+        allowed = list(dict.fromkeys([*own, *(o for m in candidates for o in modules.option_names(m)), "module"]))
+        others = [m for m in modules.module_names() if m not in candidates and key in modules.option_names(m)]
+        close = difflib.get_close_matches(str(key), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        if not others:
+            self.fail(path, f"unknown {what} key {key!r}{hint}; allowed: {', '.join(allowed)}")
+        names = " or ".join(repr(m) for m in candidates)
+        self.fail(path, f"module {names} takes no option {key!r}{hint}; "
+                        + "; ".join(f"{m} takes: {', '.join(modules.option_names(m)) or 'none'}" for m in candidates)
+                        + f" ({key!r} is an option of {', '.join(others)}: set module: {others[0]})")
 
     def int_list(self, path, key: str, value, allow_negative: bool) -> tuple[int, ...]:
         items = value if isinstance(value, list) else [value]
@@ -457,28 +562,37 @@ def _from_data(data, source: str, lines: dict) -> Rules:
     defaults_raw = {} if data.get("defaults") is None else data["defaults"]
     if not isinstance(defaults_raw, dict):
         chk.fail(("defaults",), f"defaults must be a mapping of {', '.join(OPTION_KEYS)}")
-    chk.keys(("defaults",), defaults_raw, OPTION_KEYS, "defaults")
-    for k, v in defaults_raw.items():
-        chk.option(("defaults", k), k, v)
-    defaults = SEOptions(**defaults_raw)
     raw_rules = data["rules"]
     if not isinstance(raw_rules, list):
         chk.fail(("rules",), f"rules must be a list of mappings, got {type(raw_rules).__name__}")
     if not raw_rules:
         chk.fail(("rules",), "rules is an empty list; add at least one rule such as '- select: {kind: residual}'")
+    raw_rules = [r.to_dict() if isinstance(r, Rule) else r for r in raw_rules]
+    # A rule without its own module may resolve to the defaults' or to any other rule's.
+    default_module = chk.module(("defaults", "module"), defaults_raw.get("module", "se"))
+    rule_modules = [chk.module(("rules", i, "module"), r["module"]) if isinstance(r, dict) and "module" in r
+                    else None for i, r in enumerate(raw_rules)]
+    every = tuple(dict.fromkeys([default_module, *(m for m in rule_modules if m)]))
+    fixed = ("variant", "module")
+    written = chk.options(("defaults",), defaults_raw, every, "defaults", fixed)
+    if defaults_raw.get("variant", "standard") not in VARIANTS:
+        chk.fail(("defaults", "variant"), f"variant must be one of {', '.join(VARIANTS)}, "
+                                          f"got {defaults_raw['variant']!r}")
+    defaults = SEOptions(**{k: v for k, v in defaults_raw.items() if k in _FIELDS}, extra=written)
     rules = []
     for i, r in enumerate(raw_rules):
         path = ("rules", i)
-        if isinstance(r, Rule):
-            r = r.to_dict()
         if not isinstance(r, dict):
             chk.fail(path, f"each rule must be a mapping with 'select:', got {type(r).__name__}")
-        chk.keys(path, r, RULE_KEYS, "rule")
+        candidates = (rule_modules[i],) if rule_modules[i] else every
+        chk.options(path, r, candidates, "rule", ("select", "skip") + fixed)
         select = chk.selector(path + ("select",), r.get("select"))
         skip = r.get("skip", False)
         if not isinstance(skip, bool):
             chk.fail(path + ("skip",), f"skip must be true or false, got {skip!r}")
-        options = {k: chk.option(path + (k,), k, v) for k, v in r.items() if k in OPTION_KEYS}
+        if "variant" in r and r["variant"] not in VARIANTS:
+            chk.fail(path + ("variant",), f"variant must be one of {', '.join(VARIANTS)}, got {r['variant']!r}")
+        options = {k: v for k, v in r.items() if k not in ("select", "skip")}
         if skip and options:
             chk.fail(path + (next(iter(options)),), "a rule with skip: true takes no SE options")
         rules.append(Rule(select, options, skip))

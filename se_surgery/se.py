@@ -104,6 +104,34 @@ class SqueezeExcite(nn.Module):
             if self.fc2.bias is not None:
                 nn.init.zeros_(self.fc2.bias)
 
+    # The gate scale travels with the weights: SE weights trained with one scale compute
+    # something else under another (timm's SEModule and init: paper use 1, init: identity
+    # 2), so a state dict records it and loading refuses a mismatch instead of guessing.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "gate_scale"] = torch.tensor(self.gate_scale, dtype=torch.float32)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "gate_scale"
+        saved = state_dict.pop(key, None) if key in state_dict else None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        has_weights = any(k.startswith(prefix + "fc") for k in state_dict)
+        if saved is None:
+            if has_weights and self.gate_scale != 1.0:
+                error_msgs.append(
+                    f"{key}: these SE weights come without a gate scale, as timm's SEModule and se-surgery's "
+                    f"'init: paper' save them (gate = sigmoid); this SE has init {self.init!r} (gate = "
+                    f"{self.gate_scale:g}*sigmoid) and would compute something else. Apply with 'init: paper' "
+                    "(the timm_compatible preset) to load them")
+            return
+        value = float(saved)
+        if value not in (1.0, 2.0):
+            error_msgs.append(f"{key}: gate scale {value:g} is not one se-surgery writes (1 or 2)")
+            return
+        self.gate_scale = value
+
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, hidden={self.hidden}, squeeze={self.squeeze!r}, "

@@ -1,44 +1,22 @@
-"""Sites: the joins in a model where SE can go, found structurally in the traced graph."""
+"""Sites: the joins in a model where SE can go, found structurally in each module's graph."""
 
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelTypeError
-from .shapes import propagate_shapes
-from .trace import Region, Tracing, trace_regions
+from .errors import ModelTypeError, TraceError
+from .nodes import ATTENTION_CLASSES, GraphView, add_operands, cat_inputs, is_add, is_cat, is_channel_cat, \
+    is_split, shape
+from .inner import find_inner
+from .trace import ModelGraphs, ModuleGraph, trace_model
 
-__all__ = ["Site", "Discovery", "find_sites", "discover", "resolve_input_size"]
+__all__ = ["Site", "Discovery", "find_sites", "discover", "resolve_input_size", "KINDS"]
 
-ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-ADD_METHODS = {"add", "add_"}
-CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
-
-_CHANNEL_FIRST_MODULES = (
-    nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d,
-)
-_CHANNEL_FIRST_FUNCTIONS = {F.conv2d, F.conv_transpose2d, F.batch_norm, F.group_norm, F.instance_norm, torch.conv2d}
-_CHANNEL_LAST_FUNCTIONS = {F.linear, F.layer_norm, torch.layer_norm}
-_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.nn.functional.silu}
-_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
-_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.mean, torch.amax}
-_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_EXPAND_NAMES = {"expand", "expand_as", "broadcast_to"}
-# Channel-attention blocks users already have, by class name (torchvision, timm, common code).
-ATTENTION_CLASSES = frozenset({
-    "SqueezeExcitation", "SEModule", "SqueezeExcite", "SqueezeExciteCl", "EffectiveSEModule",
-    "EcaModule", "CecaModule", "EfficientChannelAttn", "CircularEfficientChannelAttn",
-    "SELayer", "SEBlock", "SE", "GatherExcite", "CbamModule", "LightCbamModule", "SplitAttn",
-    "SelectiveKernel", "SelectiveKernelAttn", "GlobalContext", "RadixSoftmax",
-})
+KINDS = ("residual", "branch_sum", "concat")
 
 
 @dataclass(frozen=True)
@@ -47,21 +25,25 @@ class Site:
 
     Attributes:
         name: the owner's dotted path (``layer3.2``); ``owner:2``, ``owner:3`` for an
-            owner's second and later joins; the fx node name for joins in the root's
-            own forward.
-        kind: ``"residual"`` or ``"concat"``.
+            owner's second and later joins; the fx node name for joins in the root
+            model's own forward.
+        kind: ``"residual"``, ``"branch_sum"`` or ``"concat"``.
         owner: dotted path of the innermost module whose forward performs the join.
         owner_type: class name of that module.
-        stage: 1-based; a new stage starts whenever the spatial size of the join changes.
+        stage: 1-based, by output stride (see :func:`find_sites`).
         block: 1-based position inside the stage.
         channels: channels of the join's output.
         spatial: (H, W) of the join for the example input.
+        stride: the join's output stride (input size / join size, a power of two).
         channel_dim: 1 for NCHW joins, -1 for channels-last (N, H, W, C) joins.
-        in_channels, in_spatial: channels and size at the point both residual paths
-            leave from (what the ``pre`` variant scales); None where unknown.
-        has_attention: the owner already contains a channel gate (SE, ECA, ...).
-        join_index: position of this join among the joins of the owner's own forward.
+        in_channels, in_spatial: channels and size where both residual paths leave
+            from (what the ``pre`` variant scales); None where that is no 4-D map.
+        has_attention: the residual block holding the join already has a channel gate.
+        node: name of the join's node in the owner's fx graph.
         branch_arg: for a residual, which operand of the add is the transforming branch.
+        inner, inner_channels, inner_spatial: where the ``inner`` variant puts SE (the
+            call nodes to descend through, then the node), and the map's size there;
+            None where the branch has no spatial convolution.
     """
 
     name: str
@@ -72,35 +54,48 @@ class Site:
     block: int
     channels: int
     spatial: tuple[int, int]
+    stride: int = 1
     channel_dim: int = 1
     in_channels: int | None = None
     in_spatial: tuple[int, int] | None = None
     has_attention: bool = False
-    join_index: int = 0
+    node: str = ""
     branch_arg: int | None = None
+    inner: tuple[str, ...] | None = None
+    inner_channels: int | None = None
+    inner_spatial: tuple[int, int] | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["spatial"] = list(self.spatial)
-        d["in_spatial"] = list(self.in_spatial) if self.in_spatial else None
+        for k in ("spatial", "in_spatial", "inner", "inner_spatial"):
+            d[k] = list(d[k]) if d[k] else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Site":
         d = dict(d)
-        d["spatial"] = tuple(d["spatial"])
-        d["in_spatial"] = tuple(d["in_spatial"]) if d.get("in_spatial") else None
+        for k in ("spatial", "in_spatial", "inner", "inner_spatial"):
+            d[k] = tuple(d[k]) if d.get(k) else None
         return cls(**d)
 
 
 @dataclass
 class Discovery:
-    """Everything discovery learned: the sites and what it had to pass over."""
+    """Everything discovery learned: the sites, what it passed over, and the graphs it read."""
 
     sites: list[Site]
     input_size: tuple[int, int, int]
     untraced: list[tuple[str, str]] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (join, why it is no site)
+    graphs: ModelGraphs | None = field(default=None, repr=False)
+    stopped: str | None = None
+
+    def graph_of(self, owner: str) -> ModuleGraph:
+        """The traced graph of the module at ``owner`` (the one the sites were found in)."""
+        for g in self.graphs.graphs:
+            if g.path == owner:
+                return g
+        raise KeyError(owner)
 
 
 def resolve_input_size(model: nn.Module, input_size=None) -> tuple[int, int, int]:
@@ -111,11 +106,7 @@ def resolve_input_size(model: nn.Module, input_size=None) -> tuple[int, int, int
         (3, 299, 299)
     """
     if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-        if isinstance(cfg, dict) and cfg.get("input_size"):
-            input_size = cfg["input_size"]
-        else:
-            input_size = 224
+        input_size = _config_size(model) or 224
     if isinstance(input_size, bool) or not isinstance(input_size, (int, tuple, list)):
         raise ModelTypeError(f"input_size must be an int or a (C, H, W) / (H, W) tuple, got {input_size!r}")
     if isinstance(input_size, int):
@@ -126,364 +117,236 @@ def resolve_input_size(model: nn.Module, input_size=None) -> tuple[int, int, int
         size = tuple(input_size)
     else:
         raise ModelTypeError(f"input_size must be an int or a (C, H, W) / (H, W) tuple, got {input_size!r}")
-    if not all(isinstance(s, int) and s > 0 for s in size):
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
         raise ModelTypeError(f"input_size must hold positive ints, got {input_size!r}")
-    return tuple(int(s) for s in size)
+    if size[0] > 4096 or size[1] > 65536 or size[2] > 65536:
+        raise ModelTypeError(f"input_size {size} is out of range: at most 4096 channels and 65536 pixels a side")
+    return size
 
 
-def is_add(n: fx.Node) -> bool:
-    return (n.op == "call_function" and n.target in ADD_FUNCTIONS) or (
-        n.op == "call_method" and n.target in ADD_METHODS
-    )
+def _config_size(model: nn.Module):
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return tuple(cfg["input_size"])
+    return None
 
 
-def is_cat(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target in CAT_FUNCTIONS
+# ------------------------------------------------------------------ classifying one join
 
 
-def add_operands(n: fx.Node) -> list:
-    """The two operands of an add node, wherever they were passed (``other=`` too)."""
-    ops = list(n.args[:2])
-    if len(ops) < 2 and n.kwargs.get("other") is not None:
-        ops.append(n.kwargs["other"])
-    return ops
-
-
-def is_join(n: fx.Node) -> bool:
-    """Whether a node is an add or a concatenation (a candidate join)."""
-    return is_add(n) or is_cat(n)
-
-
-def _shape(n) -> tuple | None:
-    return n.meta.get("shape") if isinstance(n, fx.Node) else None
-
-
-def _tensor_inputs(n: fx.Node) -> list[fx.Node]:
-    return [a for a in n.all_input_nodes if a.meta.get("tensor")]
-
-
-def _ancestors(n: fx.Node) -> set[fx.Node]:
-    """Nodes ``n`` depends on through tensor values (shape reads are not a data path)."""
-    seen: set[fx.Node] = set()
-    stack = _tensor_inputs(n)
-    while stack:
-        a = stack.pop()
-        if a in seen:
-            continue
-        seen.add(a)
-        stack.extend(_tensor_inputs(a))
-    return seen
-
-
-class _RegionView:
-    """Per-region helpers with memoised answers."""
-
-    def __init__(self, region: Region):
-        self.region = region
-        self.order = {n: i for i, n in enumerate(region.graph.nodes)}
-        self._axis: dict[fx.Node, int | None] = {}
-        self._from_input: dict[fx.Node, bool] | None = None
-
-    def from_input(self, n: fx.Node) -> bool:
-        """Whether a placeholder is ``n`` or among its tensor ancestors (one pass, memoised)."""
-        if self._from_input is None:
-            reach: dict[fx.Node, bool] = {}
-            for m in self.region.graph.nodes:  # topological order
-                reach[m] = m.op == "placeholder" or any(reach.get(a, False) for a in _tensor_inputs(m))
-            self._from_input = reach
-        return self._from_input[n]
-
-    def module(self, n: fx.Node) -> nn.Module | None:
-        try:
-            return self.region.module.get_submodule(n.target)
-        except AttributeError:
-            return None
-
-    def owner(self, n: fx.Node) -> tuple[str, str]:
-        path, typ = n.meta.get("scope", ("", None))
-        if typ is None:
-            typ = type(self.region.module) if not path else type(self.region.module.get_submodule(path))
-        return self.region.qualify(path), typ.__name__
-
-    def channel_axis(self, n: fx.Node, depth: int = 0) -> int | None:
-        """The channel axis (0-based) of a 4-D node, read from the layers that produce it."""
-        if n in self._axis:
-            return self._axis[n]
-        self._axis[n] = None  # guards cycles through in-place aliases
-        axis = self._channel_axis(n, depth)
-        self._axis[n] = axis
-        return axis
-
-    def _channel_axis(self, n: fx.Node, depth: int) -> int | None:
-        shape = _shape(n)
-        if shape is None or len(shape) != 4 or depth > 64:
-            return None
-        own = self.layer_axis(n)
-        if own is not None:
-            return own
-        if n.op == "call_module":
-            m = self.module(n)
-            if m is not None and type(m).__module__.startswith("torch.nn") and not isinstance(m, nn.Sequential):
-                return self._follow_same_shape(n, depth)  # activations, dropout, identity
-            return None
-        if n.op in ("call_function", "call_method"):
-            name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-            if name == "permute":
-                dims = n.args[1:] if n.op == "call_method" else n.args[1]
-                if n.op == "call_method" and len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-                    dims = dims[0]
-                dims = n.kwargs.get("dims", dims)
-                src = n.args[0]
-                axis = self.channel_axis(src, depth + 1) if isinstance(src, fx.Node) else None
-                if axis is None or not all(isinstance(d, int) for d in dims):
-                    return None
-                dims = [d % 4 for d in dims]
-                return dims.index(axis) if axis in dims else None
-            if name == "transpose":
-                src, a, b = n.args[0], n.args[1] % 4, n.args[2] % 4
-                axis = self.channel_axis(src, depth + 1) if isinstance(src, fx.Node) else None
-                if axis is None:
-                    return None
-                return b if axis == a else a if axis == b else axis
-            return self._follow_same_shape(n, depth)
-        return None
-
-    def layer_axis(self, n: fx.Node) -> int | None:
-        """The channel axis a layer itself works on: 1 for convs and BN-like norms, 3 for
-        linear layers and LayerNorm over the last dim; None for anything else."""
-        if n.op == "call_module":
-            m = self.module(n)
-            if isinstance(m, _CHANNEL_FIRST_MODULES):
-                return 1
-            if isinstance(m, nn.Linear) or (isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward):
-                return 3
-        elif n.op == "call_function" and n.target in _CHANNEL_FIRST_FUNCTIONS:
-            return 1
-        elif n.op == "call_function" and n.target in _CHANNEL_LAST_FUNCTIONS:
-            return 3
-        return None
-
-    def consumer_axis(self, n: fx.Node) -> int | None:
-        """The channel axis of a 4-D node as its consumers read it (a norm or conv right after)."""
-        for u in n.users:
-            axis = self.layer_axis(u)
-            if axis is not None:
-                return axis
-        return None
-
-    def _follow_same_shape(self, n: fx.Node, depth: int) -> int | None:
-        for a in _tensor_inputs(n):
-            if _shape(a) == _shape(n):
-                axis = self.channel_axis(a, depth + 1)
-                if axis is not None:
-                    return axis
-        return None
-
-    def is_gate_mul(self, n: fx.Node) -> bool:
-        """``x * gate`` where the gate is a sigmoid of a spatially pooled map (SE, ECA and kin).
-
-        The gate must be computed from a channel descriptor: walking back from the
-        operand (through an ``expand``/``expand_as``), only through tensors smaller than
-        the product, a gate function is met and, before it, a pool that leaves at most
-        one dimension (the channels) per sample. Swish (``x * sigmoid(x)``) and spatial
-        gates (``x * sigmoid(conv(x))``, shape N x 1 x H x W) are not channel attention.
-        """
-        name = n.target if n.op == "call_method" else n.target if n.op == "call_function" else None
-        if name not in (operator.mul, operator.imul, torch.mul, "mul", "mul_"):
-            return False
-        out = _shape(n)
-        if out is None or len(out) != 4:
-            return False
-        full = math.prod(out[1:])
-
-        def small(a: fx.Node) -> bool:
-            shape = _shape(a)
-            return shape is not None and len(shape) >= 1 and math.prod(shape[1:]) < full
-
-        for operand in _tensor_inputs(n):
-            if operand.op in ("call_method", "call_function") and _callable_name(operand) in _EXPAND_NAMES:
-                operand = operand.args[0] if operand.args and isinstance(operand.args[0], fx.Node) else operand
-            frontier, seen = [(operand, False)], set()
-            for _ in range(12):
-                nxt = []
-                for a, saw_gate in frontier:
-                    if not small(a) or (a, saw_gate) in seen:
-                        continue
-                    seen.add((a, saw_gate))
-                    m = self.module(a) if a.op == "call_module" else None
-                    if (a.op == "call_function" and a.target in _GATE_FUNCTIONS) or isinstance(m, _GATE_MODULES) or (
-                        a.op == "call_method" and a.target in ("sigmoid", "sigmoid_")
-                    ):
-                        saw_gate = True
-                    pooled = (a.op == "call_function" and a.target in _POOL_FUNCTIONS) or isinstance(m, _POOL_MODULES) or (
-                        a.op == "call_method" and a.target in ("mean", "amax")
-                    )
-                    if saw_gate and pooled and sum(d > 1 for d in _shape(a)[1:]) <= 1:
-                        return True
-                    nxt.extend((b, saw_gate) for b in _tensor_inputs(a))
-                frontier = nxt
-        return False
-
-
-def _callable_name(n: fx.Node) -> str:
-    return n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-
-
-def _ordered(region: Region) -> Iterator[tuple[Region, fx.Node]]:
-    """(region, node) pairs in depth order, descending into leaves traced on their own."""
-    nested: dict[str, list[Region]] = {}
-    for key, child in region.children.items():
-        nested.setdefault(key.split("#")[0], []).append(child)
-    for n in region.graph.nodes:
-        yield region, n
-        if n.op == "call_module" and n.target in nested:
-            for child in nested.pop(n.target):
-                yield from _ordered(child)
-
-
-def _residual(view: _RegionView, n: fx.Node) -> tuple[dict | None, str | None]:
-    """Classify an add node: the residual join's facts, or why it is not one."""
+def _residual(view: GraphView, n: fx.Node) -> tuple[dict | None, str | None]:
+    """Classify an add node: residual or branch_sum facts, or why it is no site."""
     if n.op == "call_function" and n.kwargs.get("alpha", 1) != 1:
         return None, "scaled add (alpha)"
     operands = add_operands(n)
-    out = _shape(n)
+    out = shape(n)
     if out is None or len(out) != 4:
         return None, None  # not a 4-D add: nothing to explain
     if len(operands) != 2 or not all(isinstance(o, fx.Node) and o.meta.get("tensor") for o in operands):
         return None, "one operand is not a tensor"
-    if any(_shape(o) != out for o in operands):
+    if any(shape(o) != out for o in operands):
         return None, "operands broadcast (a bias or embedding, not a join)"
-    anc = [_ancestors(o) | {o} for o in operands]
-    common = [c for c in anc[0] & anc[1] if c.op not in ("get_attr",)]
-    # A common point must carry data from the block's input, not only from parameters.
-    common = [c for c in common if view.from_input(c)]
-    if not common:
+    fork = view.fork(*operands)
+    if fork is None:
+        if all(view.from_input(o) for o in operands):
+            # Inputs the forward got separately (HRNet's list of resolutions): fusion.
+            return _facts(view, n, "branch_sum", None, None), None
         return None, "the operands share no common input (two unrelated tensors)"
-    fork = max(common, key=view.order.__getitem__)
-    base = _ancestors(fork) | {fork}
-    lengths = [len(a - base) for a in anc]
-    if max(lengths) == 0:
+    if shape(fork) is None:  # the fork is a list or tuple of tensors
+        if is_split(fork):
+            return None, "split-sum: the operands are parts of one tensor (Res2Net-style hierarchical sum)"
+        return _facts(view, n, "branch_sum", None, None), None
+    if fork is operands[0] and fork is operands[1]:
         return None, "both operands are the same tensor"
-    branch = 0 if lengths[0] > lengths[1] else 1
-    axis = (view.channel_axis(operands[branch]) or view.channel_axis(operands[1 - branch])
-            or view.consumer_axis(fork) or view.consumer_axis(n))
+    proj = [view.is_projection(fork, o) for o in operands]
+    nonlin = [view.has_nonlinearity(fork, o) for o in operands]
+    if proj[0] != proj[1]:
+        branch = 0 if proj[1] else 1
+        if not nonlin[branch]:
+            return None, "the branch holds no nonlinearity (an addition inside a layer such as a normalisation)"
+        facts = _facts(view, n, "residual", fork, branch)
+        point = find_inner(view, fork, operands[branch], view.views) if facts else None
+        if point is not None:
+            chain, node, channels, spatial = point
+            facts.update(inner=(*chain, node), inner_channels=channels, inner_spatial=spatial)
+        return facts, None
+    if all(proj) or all(nonlin):
+        return _facts(view, n, "branch_sum", None, None), None  # parallel branches, none a skip of the other
+    return None, "neither operand is a skip of the other, and one holds no nonlinearity"
+
+
+def _facts(view: GraphView, n: fx.Node, kind: str, fork: fx.Node | None, branch: int | None) -> dict | None:
+    out = shape(n)
+    operands = add_operands(n)
+    order = operands if branch is None else [operands[branch], operands[1 - branch]]
+    axis = None
+    for o in order:
+        axis = axis or view.channel_axis(o)
+    axis = axis or (view.consumer_axis(fork) if fork is not None else None) or view.consumer_axis(n)
     if axis not in (1, 3):
-        return None, "channel axis unknown (no conv, norm or linear layer produces it)"
-    fork_shape = _shape(fork)
+        return None
     in_ch = in_sp = None
+    fork_shape = shape(fork) if fork is not None else None
     if fork_shape is not None and len(fork_shape) == 4 and view.channel_axis(fork) in (axis, None):
         in_ch = fork_shape[axis]
         in_sp = tuple(fork_shape[2:4]) if axis == 1 else tuple(fork_shape[1:3])
-    return {
-        "kind": "residual",
-        "channels": out[axis],
-        "spatial": tuple(out[2:4]) if axis == 1 else tuple(out[1:3]),
-        "channel_dim": 1 if axis == 1 else -1,
-        "in_channels": in_ch,
-        "in_spatial": in_sp,
-        "branch_arg": branch,
-    }, None
+    return {"kind": kind, "channels": out[axis], "spatial": tuple(out[2:4]) if axis == 1 else tuple(out[1:3]),
+            "channel_dim": 1 if axis == 1 else -1, "in_channels": in_ch, "in_spatial": in_sp, "branch_arg": branch,
+            "axis": axis}
 
 
-def _cat_inputs(n: fx.Node):
-    tensors = n.args[0] if n.args else n.kwargs.get("tensors")
-    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", n.kwargs.get("axis", 0))
-    return tensors, dim
-
-
-def _is_channel_cat(n: fx.Node) -> bool:
-    tensors, dim = _cat_inputs(n)
-    out = _shape(n)
-    return (
-        out is not None and len(out) == 4 and dim in (1, -3)
-        and isinstance(tensors, (list, tuple)) and len(tensors) >= 2
-        and all(isinstance(t, fx.Node) for t in tensors)
-    )
-
-
-def _concat(view: _RegionView, n: fx.Node) -> tuple[dict | None, str | None]:
-    tensors, dim = _cat_inputs(n)
-    out = _shape(n)
+def _concat(view: GraphView, n: fx.Node) -> tuple[dict | None, str | None]:
+    tensors, dim = cat_inputs(n)
+    out = shape(n)
     if out is None or len(out) != 4 or dim not in (1, -3):
         return None, None
     if not isinstance(tensors, (list, tuple)) or len(tensors) < 2:
         return None, None  # a single-input cat is a copy, not a join
-    if n.users and all(is_cat(u) and _is_channel_cat(u) for u in n.users):
+    if n.users and all(is_cat(u) and is_channel_cat(u) for u in n.users):
         return None, "inner concatenation (its result only feeds an outer one)"
     return {"kind": "concat", "channels": out[1], "spatial": tuple(out[2:4]), "channel_dim": 1,
-            "in_channels": None, "in_spatial": None, "branch_arg": None}, None
+            "in_channels": None, "in_spatial": None, "branch_arg": None, "axis": 1}, None
 
 
-def _owner_has_attention(model: nn.Module, owner: str, gate_scopes: list[str]) -> bool:
+def _stride(size: tuple[int, int, int], n: fx.Node, axis: int) -> int:
+    s = n.meta.get("canon_shape") or n.meta["shape"]
+    h = s[2] if axis == 1 else s[1]
+    return 2 ** max(0, round(math.log2(max(size[1] / max(h, 1), 1))))
+
+
+def _declared_reductions(model: nn.Module) -> list[int]:
+    """Reductions of the stages the model declares (timm ``feature_info``), if any."""
+    info = getattr(model, "feature_info", None)
     try:
-        mod = model.get_submodule(owner) if owner else model
-    except AttributeError:
-        mod = None
-    if mod is not None and any(type(m).__name__ in ATTENTION_CLASSES for m in mod.modules()):
-        return True
-    return any(s == owner or s.startswith(owner + ".") or not owner for s in gate_scopes)
+        out = sorted({int(f["reduction"]) for f in info if isinstance(f, dict) and "reduction" in f})
+    except TypeError:
+        return []
+    return out
 
 
-def discover(model: nn.Module, input_size=None) -> Discovery:
+# ------------------------------------------------------------------ discovery
+
+
+def _attention_scopes(graphs: list[ModuleGraph], views: dict[int, GraphView]) -> set[str]:
+    out = set()
+    for g in graphs:
+        if g.graph is None:
+            continue
+        if any(n.op in ("call_function", "call_method") and views[id(g)].is_gate_mul(n) for n in g.graph.nodes):
+            out.add(g.path)
+    return out
+
+
+def _within(path: str, block: str) -> bool:
+    return not block or path == block or path.startswith(block + ".")
+
+
+def discover(model: nn.Module, input_size=None, *, tracer_kwargs=None) -> Discovery:
     """Trace, propagate shapes and classify every join. See :func:`find_sites`."""
     if not isinstance(model, nn.Module):
         raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     size = resolve_input_size(model, input_size)
-    tracing: Tracing = trace_regions(model)
-    failed = propagate_shapes(model, tracing, size)
-    untraced = list(tracing.untraced) + [(p, f"shapes unknown: {r}") for p, r in failed.items()]
+    canonical = resolve_input_size(model, _config_size(model) or 224)
+    mg = trace_model(model, size, canonical_size=canonical, tracer_kwargs=tracer_kwargs)
+    by_module = {id(g.module): g for g in mg.graphs}
+    memo: dict = {}
+    views: dict[int, GraphView] = {}
+    for g in mg.graphs:
+        if g.graph is not None:
+            views[id(g)] = GraphView(g, by_module, memo, views)
     found: list[dict] = []
     rejected: list[tuple[str, str]] = []
-    counters: dict[str, int] = {}
-    gate_scopes: list[str] = []
-    views: dict[int, _RegionView] = {}
-    for region in tracing.regions:
-        for reg, n in _ordered(region):
-            view = views.setdefault(id(reg), _RegionView(reg))
-            if n.op in ("call_function", "call_method") and view.is_gate_mul(n):
-                gate_scopes.append(view.owner(n)[0])
-            if not is_join(n) or not n.meta.get("tensor"):
-                continue  # arithmetic on sizes (1 + H * W) is no join; apply counts the same way
-            owner, owner_type = view.owner(n)
-            index = counters.get(owner, 0)
-            counters[owner] = index + 1
+    for g in mg.graphs:
+        if g.graph is None or g.error:
+            continue
+        view = views[id(g)]
+        for n in g.graph.nodes:
+            if not (is_add(n) or is_cat(n)) or not n.meta.get("tensor") or "shape" not in n.meta:
+                continue  # arithmetic on sizes (1 + H * W) is no join
             facts, why = (_residual if is_add(n) else _concat)(view, n)
-            label = f"{owner or '<model>'}:{n.name}"
+            label = f"{g.path or '<model>'}:{n.name}"
             if facts is None:
                 if why:
                     rejected.append((label, why))
+                elif is_add(n) and shape(n) is not None and len(shape(n)) == 4:
+                    rejected.append((label, "channel axis unknown (no conv, norm or linear layer produces it)"))
                 continue
-            found.append(dict(facts, owner=owner, owner_type=owner_type, join_index=index, node=n.name))
-    sites: list[Site] = []
-    per_owner: dict[str, int] = {}
-    stage, block, last = 0, 0, None
+            if g.train_dependent:
+                rejected.append((label, f"{g.path or '<model>'}.forward takes other paths in train mode, so it "
+                                        "cannot be rewritten"))
+                continue
+            found.append(dict(facts, graph=g, node=n))
+    # A sum of several branches is one join: its inner partial sums are not sites.
+    sums = {f["node"] for f in found if f["kind"] == "branch_sum"}
+    outer = []
     for f in found:
-        k = per_owner[f["owner"]] = per_owner.get(f["owner"], 0) + 1
-        if not f["owner"]:
-            name = f["node"]
-        else:
-            name = f["owner"] if k == 1 else f"{f['owner']}:{k}"
-        if f["spatial"] != last:
-            stage, block, last = stage + 1, 0, f["spatial"]
-        block += 1
-        node = f.pop("node")
-        del node
-        sites.append(Site(name=name, stage=stage, block=block,
-                          has_attention=_owner_has_attention(model, f["owner"], gate_scopes), **f))
-    return Discovery(sites, size, untraced, rejected)
+        n = f["node"]
+        if f["kind"] == "branch_sum" and len(n.users) == 1 and next(iter(n.users)) in sums:
+            rejected.append((f"{f['graph'].path or '<model>'}:{n.name}", "inner part of a sum of branches"))
+            continue
+        outer.append(f)
+    return Discovery(_name_and_number(model, outer, canonical, views), size,
+                     mg.untraced() + ([("<model>", f"the forward stopped: {mg.stopped}")] if mg.stopped else []),
+                     rejected, mg, mg.stopped)
 
 
-def find_sites(model: nn.Module, input_size=None) -> list[Site]:
+def _name_and_number(model: nn.Module, found: list[dict], canonical, views) -> list[Site]:
+    scopes = _attention_scopes([v.mg for v in views.values()], views)
+    residual_owners = {f["graph"].path for f in found if f["kind"] == "residual"}
+    declared = _declared_reductions(model)
+    strides = []
+    for f in found:
+        s = _stride(canonical, f["node"], f["axis"])
+        if declared:
+            s = min((r for r in declared if r >= s), default=s)
+        strides.append(s)
+    stage_of = {s: i + 1 for i, s in enumerate(sorted(set(strides)))}
+    sites, per_owner, per_stage = [], {}, {}
+    for f, stride in zip(found, strides):
+        g: ModuleGraph = f["graph"]
+        owner = g.path
+        k = per_owner[owner] = per_owner.get(owner, 0) + 1
+        name = f["node"].name if not owner else owner if k == 1 else f"{owner}:{k}"
+        stage = stage_of[stride]
+        block = per_stage[stage] = per_stage.get(stage, 0) + 1
+        # has_attention is a property of the residual block that holds the join.
+        blk = owner
+        if f["kind"] != "residual":
+            parts = owner.split(".") if owner else []
+            for cut in range(len(parts), -1, -1):
+                if ".".join(parts[:cut]) in residual_owners:
+                    blk = ".".join(parts[:cut])
+                    break
+        holder = model.get_submodule(blk) if blk else model
+        attention = any(type(m).__name__ in ATTENTION_CLASSES for m in holder.modules()) or any(
+            _within(s, blk) for s in scopes)
+        sites.append(Site(name=name, kind=f["kind"], owner=owner, owner_type=type(g.module).__name__, stage=stage,
+                          block=block, channels=f["channels"], spatial=f["spatial"], stride=stride,
+                          channel_dim=f["channel_dim"], in_channels=f["in_channels"], in_spatial=f["in_spatial"],
+                          has_attention=attention, node=f["node"].name, branch_arg=f["branch_arg"],
+                          inner=f.get("inner"), inner_channels=f.get("inner_channels"),
+                          inner_spatial=f.get("inner_spatial")))
+    return sites
+
+
+def find_sites(model: nn.Module, input_size=None, *, tracer_kwargs=None) -> list[Site]:
     """Find every join in ``model`` where SE can go, without changing or running it.
 
-    Traces the model with ``torch.fx`` (submodule by submodule where the whole model
-    cannot be traced), propagates fake tensors for shapes and returns residual and
-    concat sites in depth order.
+    Every module the model calls is traced with ``torch.fx`` on its own, as the model
+    calls it, and shapes come from one forward on fake tensors through a copy of the
+    model (no hook runs, no attribute or buffer of ``model`` changes, no weight is
+    copied). Returns residual, branch-sum and concat sites in model order.
+
+    Stages are numbered by output stride, measured at the model's own input size
+    (timm ``pretrained_cfg``) or 224, so they do not depend on ``input_size``.
 
     Args:
         model: any ``nn.Module`` taking one image batch.
         input_size: ``N``, ``(H, W)`` or ``(C, H, W)`` of the example input; default
             the model's timm ``pretrained_cfg`` size, else 3x224x224.
+        tracer_kwargs: ``leaf_modules``, ``autowrap_functions``, ``autowrap_modules``
+            and ``concrete_args`` for models that do not trace as they are (see
+            :class:`~se_surgery.trace.TracerOptions`).
 
     Returns:
         Frozen :class:`Site` records.
@@ -491,7 +354,11 @@ def find_sites(model: nn.Module, input_size=None) -> list[Site]:
     Example:
         >>> import torchvision, se_surgery
         >>> sites = se_surgery.find_sites(torchvision.models.resnet50())
-        >>> len(sites), sites[0].name, sites[0].channels, sites[-1].spatial
-        (16, 'layer1.0', 256, (7, 7))
+        >>> len(sites), sites[0].name, sites[0].channels, sites[-1].spatial, sites[-1].stage
+        (16, 'layer1.0', 256, (7, 7), 4)
     """
-    return discover(model, input_size).sites
+    d = discover(model, input_size, tracer_kwargs=tracer_kwargs)
+    if d.stopped and not d.sites:
+        raise TraceError(f"cannot find the joins of {type(model).__name__}: its forward failed on a fake input of "
+                         f"size {'x'.join(map(str, d.input_size))}: {d.stopped}")
+    return d.sites

@@ -1,231 +1,139 @@
-"""Tracing with module scope.
+"""One graph per module, as the model calls it, with shapes from one fake forward.
 
-:func:`trace_regions` turns a model into *regions*: fx graphs of the model itself or,
-where the model cannot be traced whole, of its largest traceable submodules. Every node
-records the module that owns it (``node.meta["scope"] = (dotted path, type)``), so a
-join such as ``operator.add`` can be attributed to the block whose forward performs it.
+:func:`trace_model` runs the model's forward once on a :func:`~se_surgery.fake.structural_copy`
+with fake tensors. Every module the forward calls (except torch.nn layers and the
+leaves a user names) is traced on its own with ``torch.fx``, its children kept as
+``call_module`` leaves, the first time the model calls it, and with the arguments it
+got (an argument that is ``None`` stays ``None``, a list of tensors becomes one input
+per tensor). The same forward then runs through those graphs, so every node of every
+module's graph gets the shape it has in the model. A join found in the graph of module
+``m`` is performed by ``m``'s own forward, which is what "owner" means; the graph is
+the one :func:`se_surgery.apply` rewrites, so nothing is traced twice or matched by
+position.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
+import inspect
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import TraceError
+from ._compat import MODULE_CALL, PH, is_compiled_wrapper, timm_registries, unset_fake_temporarily
+from .errors import ModelTypeError, TraceError
+from .fake import NeutralScalars, fake_mode, structural_copy
 
-__all__ = ["Region", "Tracing", "ScopeTracer", "trace_regions", "trace_local", "eval_mode", "TENSOR",
-           "call_skeleton", "concrete_args_for"]
-
-
-def _is_torch_nn(m: nn.Module) -> bool:
-    mod = type(m).__module__
-    return mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")
+__all__ = ["TracerOptions", "ModuleGraph", "ModelGraphs", "trace_model", "short_error", "call_skeleton"]
 
 
-def _timm_registries(model: nn.Module) -> tuple[tuple[type, ...], tuple]:
-    """timm's own leaf modules and autowrapped functions, if the model uses timm.
-
-    timm is only imported when one of the model's classes comes from it, so tracing a
-    torchvision model never pays for the timm import.
-    """
-    if not any(type(m).__module__.startswith("timm") for m in model.modules()):
-        return (), ()
-    try:
-        from timm.layers import _fx as timm_fx  # timm >= 0.9
-    except ImportError:  # pragma: no cover - older timm
-        try:
-            from timm.models import _features_fx as timm_fx
-        except ImportError:
-            return (), ()
-    leaves = tuple(timm_fx.get_notrace_modules())
-    fns = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
-    return leaves, fns
-
-
-class ScopeTracer(fx.Tracer):
-    """An fx tracer that records the owning module of every node.
-
-    Args:
-        leaf_types: extra module classes to keep as leaves (timm's registry).
-        autowrap_functions: functions to record as calls instead of tracing into.
-        all_children_leaves: treat every submodule as a leaf; used to rewrite one
-            block's own forward without touching its children.
-    """
-
-    def __init__(self, leaf_types=(), autowrap_functions=(), all_children_leaves=False):
-        super().__init__(autowrap_functions=tuple(autowrap_functions))
-        self.leaf_types = tuple(leaf_types)
-        self.all_children_leaves = all_children_leaves
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if self.all_children_leaves:
-            return True
-        if self.leaf_types and isinstance(m, self.leaf_types):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
-        node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        node.meta["scope"] = (self.scope.module_path, self.scope.module_type)
-        return node
-
-
-@dataclass
-class Region:
-    """One traced graph: the module at ``path`` (``""`` is the model itself)."""
-
-    path: str
-    module: nn.Module
-    graph: fx.Graph
-    # Leaves traced as regions of their own, by the call_module target inside this graph.
-    children: dict[str, "Region"] = field(default_factory=dict)
-    # Tensor constants the graph reads (get_attr _tensor_constant0 ...): fx sets them on
-    # the traced module, where discovery must not leave them; they are kept here instead.
-    constants: dict = field(default_factory=dict)
-
-    def qualify(self, local_path: str) -> str:
-        """Dotted path in the whole model of a path local to this region."""
-        if not self.path:
-            return local_path
-        return f"{self.path}.{local_path}" if local_path else self.path
-
-
-@dataclass
-class Tracing:
-    """Result of :func:`trace_regions`: the regions in depth order and what failed."""
-
-    regions: list[Region]
-    untraced: list[tuple[str, str]]  # (module path, shortened fx error)
-
-    def all_regions(self) -> Iterator[Region]:
-        for r in self.regions:
-            yield from _walk(r)
-
-
-def _walk(region: Region) -> Iterator[Region]:
-    yield region
-    for child in region.children.values():
-        yield from _walk(child)
-
-
-def _short(err: BaseException, limit: int = 160) -> str:
-    text = f"{type(err).__name__}: {err}".strip().splitlines()[0]
+def short_error(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error, with its type, cut to ``limit`` characters."""
+    text = (f"{type(err).__name__}: {err}".strip().splitlines() or [type(err).__name__])[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
+@dataclass(frozen=True)
+class TracerOptions:
+    """What users can tell the tracer, as torchvision's ``create_feature_extractor(tracer_kwargs=...)``.
 
-
-def _plain_state(m: nn.Module) -> dict:
-    """A module's own attributes (not its parameters, buffers, children or hooks), with
-    the contents of dicts and lists, which forwards use as caches."""
-    return {k: (v, dict(v) if type(v) is dict else list(v) if type(v) is list else None)
-            for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
-
-
-def _restore_plain(m: nn.Module, state: dict) -> None:
-    for k in [k for k in m.__dict__ if k not in _MODULE_INTERNALS and k not in state]:
-        del m.__dict__[k]
-    for k, (v, contents) in state.items():
-        m.__dict__[k] = v
-        # By identity: == on values that are tensors would compare them elementwise.
-        if type(v) is dict and (len(v) != len(contents) or any(v.get(key, v) is not x for key, x in contents.items())):
-            v.clear()
-            v.update(contents)
-        elif type(v) is list and (len(v) != len(contents) or any(a is not b for a, b in zip(v, contents))):
-            v[:] = contents
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put every module in eval mode; restore each one's own flag afterwards.
-
-    Also restores every module's plain attributes: a forward run on fake tensors must
-    leave nothing behind, such as timm's ``attention_bias_cache`` holding a fake tensor.
+    Attributes:
+        leaf_modules: module classes whose own forward is not traced (their joins are
+            not searched; their children still are).
+        autowrap_functions: functions recorded as one call instead of traced into
+            (for functions with data-dependent control flow).
+        autowrap_modules: Python modules whose functions are all autowrapped
+            (fx's default is ``(math,)``).
+        concrete_args: values fixed for the model's own forward, beside the image batch.
     """
-    flags = [(m, m.training, _plain_state(m)) for m in model.modules()]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for m, flag, state in flags:
-            m.training = flag
-            _restore_plain(m, state)
+
+    leaf_modules: tuple[type, ...] = ()
+    autowrap_functions: tuple = ()
+    autowrap_modules: tuple = ()
+    concrete_args: dict | None = None
+
+    @classmethod
+    def of(cls, tracer_kwargs) -> "TracerOptions":
+        """Validate a ``tracer_kwargs`` dict (or None, or TracerOptions)."""
+        if tracer_kwargs is None:
+            return cls()
+        if isinstance(tracer_kwargs, cls):
+            return tracer_kwargs
+        if not isinstance(tracer_kwargs, dict):
+            raise ModelTypeError(f"tracer_kwargs must be a dict, got {type(tracer_kwargs).__name__}")
+        allowed = ("leaf_modules", "autowrap_functions", "autowrap_modules", "concrete_args")
+        unknown = [k for k in tracer_kwargs if k not in allowed]
+        if unknown:
+            raise ModelTypeError(f"unknown tracer_kwargs key {unknown[0]!r}; allowed: {', '.join(allowed)}")
+        leaves = tuple(tracer_kwargs.get("leaf_modules", ()))
+        if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in leaves):
+            raise ModelTypeError("tracer_kwargs['leaf_modules'] must list nn.Module classes")
+        fns = tuple(tracer_kwargs.get("autowrap_functions", ()))
+        if not all(callable(f) for f in fns):
+            raise ModelTypeError("tracer_kwargs['autowrap_functions'] must list functions")
+        concrete = tracer_kwargs.get("concrete_args")
+        if concrete is not None and not isinstance(concrete, dict):
+            raise ModelTypeError("tracer_kwargs['concrete_args'] must be a dict of argument name to value")
+        return cls(leaves, fns, tuple(tracer_kwargs.get("autowrap_modules", ())), concrete)
 
 
-def _trace_one(module: nn.Module, leaves, fns, concrete_args=None) -> tuple[fx.Graph, dict]:
-    """The graph, and the tensor constants fx attached to ``module`` for it (taken off again)."""
+class _Tracer(fx.Tracer):
+    """Traces one module's own forward: every child is a ``call_module`` leaf."""
+
+    def __init__(self, autowrap_functions=(), autowrap_modules=()):
+        import math
+
+        super().__init__(autowrap_modules=(math, *autowrap_modules), autowrap_functions=tuple(autowrap_functions))
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+class _TrainingFlag(int):
+    """Stands for ``self.training`` while a forward is traced and notes every read.
+
+    A forward that reads its training flag may trace differently in train and eval
+    mode; only such a forward is traced a second time to compare.
+    """
+
+    def __new__(cls, value: bool, reads: list):
+        obj = int.__new__(cls, bool(value))
+        obj.reads = reads
+        return obj
+
+    def __bool__(self) -> bool:
+        self.reads.append(True)
+        return bool(int(self))
+
+    def __repr__(self) -> str:
+        self.reads.append(True)  # the flag was passed on as an argument (F.dropout(..., self.training))
+        return repr(bool(int(self)))
+
+
+# fx stores an argument that is a tensor in a graph as an attribute it adds to the root.
+def _constants(module: nn.Module, before: set) -> dict:
+    return {k: module.__dict__.pop(k) for k in set(module.__dict__) - before}
+
+
+def _trace_with_flag(module: nn.Module, flag: bool, opts: TracerOptions, fns, concrete) -> tuple[fx.Graph, dict, bool]:
+    reads: list = []
     before = set(module.__dict__)
-    tracer = ScopeTracer(leaves, fns)
+    module.__dict__["training"] = _TrainingFlag(flag, reads)
     try:
-        graph = tracer.trace(module, concrete_args=concrete_args)
+        graph = _Tracer(fns, opts.autowrap_modules).trace(module, concrete_args=concrete)
     finally:
-        added = {k: module.__dict__.pop(k) for k in set(module.__dict__) - before}
-    return graph, added
+        module.__dict__["training"] = False
+        constants = _constants(module, before)
+    def plain(a):
+        if isinstance(a, _TrainingFlag):
+            reads.append(True)
+            return bool(int(a))
+        return a
 
-
-def _trace_tree(path: str, module: nn.Module, leaves, fns, untraced) -> list[Region]:
-    try:
-        # The model itself is called as model(x): its other arguments keep their defaults.
-        concrete = None if path else concrete_args_for(module, path, [((TENSOR,), ())])
-        graph, constants = _trace_one(module, leaves, fns, concrete)
-    except Exception as e:  # fx raises many types: TraceError, TypeError, AttributeError...
-        untraced.append((path or "<model>", _short(e)))
-        out = []
-        for name, child in module.named_children():
-            if _is_torch_nn(child) and not isinstance(child, nn.Sequential | nn.ModuleList | nn.ModuleDict):
-                continue  # torch.nn layers hold no joins of their own
-            out.extend(_trace_tree(f"{path}.{name}" if path else name, child, leaves, fns, untraced))
-        return out
-    region = Region(path, module, graph, constants=constants)
-    _trace_custom_leaves(region, leaves, fns, untraced)
-    return [region]
-
-
-def _trace_custom_leaves(region: Region, leaves, fns, untraced) -> None:
-    """Leaves that timm keeps out of the trace may hold joins: trace them on their own."""
-    if not leaves:
-        return
-    for node in region.graph.nodes:
-        if node.op != "call_module" or node.target in region.children:
-            continue
-        sub = region.module.get_submodule(node.target)
-        if _is_torch_nn(sub) or not isinstance(sub, leaves):
-            continue
-        found = _trace_tree(region.qualify(node.target), sub, leaves, fns, untraced)
-        if len(found) == 1 and found[0].module is sub:
-            region.children[node.target] = found[0]
-        else:
-            # Only parts of the leaf traced: keep them as regions nested under it.
-            for i, r in enumerate(found):
-                region.children[f"{node.target}#{i}"] = r
-
-
-def trace_regions(model: nn.Module) -> Tracing:
-    """Trace ``model`` into regions with module scope, in eval mode.
-
-    Falls back to tracing submodules where the whole model cannot be traced, and
-    records which modules failed and why.
-
-    Example:
-        >>> import torchvision
-        >>> t = trace_regions(torchvision.models.resnet18())
-        >>> [r.path for r in t.regions], t.untraced
-        ([''], [])
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    leaves, fns = _timm_registries(model)
-    untraced: list[tuple[str, str]] = []
-    with eval_mode(model):
-        regions = _trace_tree("", model, leaves, fns, untraced)
-    return Tracing(regions, untraced)
+    for n in graph.nodes:  # the graph keeps plain bools, as fx would have recorded them
+        n.args, n.kwargs = fx.node.map_aggregate(n.args, plain), fx.node.map_aggregate(n.kwargs, plain)
+    return graph, constants, bool(reads)
 
 
 class _Tensor:
@@ -240,40 +148,30 @@ SIZE = "<int>"  # stands for an int inside a list or tuple argument (a size)
 
 
 def call_skeleton(args: tuple, kwargs: dict) -> tuple:
-    """A module call's arguments with tensors replaced by :data:`TENSOR` (comparable, no data)."""
+    """A module call's arguments with tensors replaced by placeholders (comparable, no data)."""
     def one(v):
         if isinstance(v, torch.Tensor):
             return TENSOR
-        if type(v) in (list, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
-            return type(v)(TENSOR for _ in v)
-        if type(v) in (list, tuple) and v and all(type(t) is int for t in v):
-            return type(v)(SIZE for _ in v)  # sizes such as (H, W): kept symbolic, never baked in
+        # fx hands lists on as its immutable_list: the same call to the module's code.
+        kind = list if isinstance(v, list) else tuple if isinstance(v, tuple) and not hasattr(v, "_fields") else None
+        if kind and v and all(isinstance(t, torch.Tensor) for t in v):
+            return kind(TENSOR for _ in v)
+        if kind and v and all(type(t) is int for t in v):
+            return kind(SIZE for _ in v)  # sizes such as (H, W): kept symbolic, never baked in
         return v if v is None or isinstance(v, (bool, int, float, str)) else type(v).__name__
     return tuple(one(a) for a in args), tuple(sorted((k, one(v)) for k, v in kwargs.items()))
 
 
-def concrete_args_for(module: nn.Module, path: str, calls: list[tuple] | None) -> dict | None:
-    """fx ``concrete_args`` that make a block's own trace follow how the model calls it.
+def _concrete_args(module: nn.Module, skeleton: tuple) -> dict | None:
+    """fx ``concrete_args`` that make a module's trace follow how the model calls it.
 
-    Traced on its own, a block sees every argument as a tensor proxy. A block called
-    as ``block(x)`` whose forward does ``if shortcut is None: shortcut = x`` would then
-    be traced down the other path, and a block called with a list of tensors would
-    fail on ``x[i] = ...``. Arguments that are ``None`` in the model's calls are fixed
-    to ``None``; lists and tuples of tensors or of ints (sizes) become one placeholder
-    per element, so a size stays an input and the graph works at every size.
+    Traced on its own, a block sees every argument as a tensor proxy. A block called as
+    ``block(x)`` whose forward does ``if shortcut is None: shortcut = x`` would be
+    traced down the other path, and one called with a list of tensors would fail on
+    ``x[i]``. Arguments that are ``None`` in the call are fixed to ``None``; lists and
+    tuples of tensors or of ints (sizes) become one input per element.
     """
-    import inspect
-
-    from torch.fx._symbolic_trace import PH
-
-    if not calls:
-        return None
-    if len(set(map(repr, calls))) > 1:
-        raise TraceError(
-            f"cannot rewrite {path or '<model>'} ({type(module).__name__}): the model calls it in "
-            f"{len(set(map(repr, calls)))} different ways, which one fx graph cannot express"
-        )
-    args, kwargs = calls[0]  # call skeletons (see call_skeleton)
+    args, kwargs = skeleton
     sig = inspect.signature(module.forward)
     try:
         bound = sig.bind(*args, **dict(kwargs))
@@ -285,38 +183,249 @@ def concrete_args_for(module: nn.Module, path: str, calls: list[tuple] | None) -
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or name not in bound.arguments:
             continue
         v = bound.arguments[name]
-        if v is None:
-            out[name] = None
+        if v is None or isinstance(v, (bool, int, float, str)) and v not in (SIZE,):
+            out[name] = v  # a flag or setting the model passes (pre_logits=False): the path it takes
         elif type(v) in (list, tuple) and all(a is TENSOR or a == SIZE for a in v):
             out[name] = type(v)(PH for _ in v)
     return out or None
 
 
-def trace_local(module: nn.Module, path: str, concrete_args: dict | None = None) -> fx.Graph:
-    """Trace only ``module``'s own forward, every child kept as a call_module leaf.
+@dataclass
+class ModuleGraph:
+    """The traced forward of one module of the model.
 
-    ``concrete_args`` (see :func:`concrete_args_for`) fixes arguments to how the model
-    really calls the module.
+    Attributes:
+        path: dotted path of the module in the model (its first one, where it is shared).
+        module: the module in the structural copy (fake tensors), with its class.
+        graph: its forward as an fx graph (children as ``call_module``); None where it
+            could not be traced, and then ``error`` says why.
+        constants: tensors fx stored for the graph (``_tensor_constant0`` ...).
+        calls: how often one forward of the model calls it.
     """
-    tracer = ScopeTracer(all_children_leaves=True, autowrap_functions=_timm_registries(module)[1])
-    try:
-        return tracer.trace(module, concrete_args=concrete_args)
-    except Exception as e:
-        raise TraceError(
-            f"cannot trace the forward of {path or '<model>'} ({type(module).__name__}) "
-            f"to insert SE: {_short(e)}"
-        ) from e
+
+    path: str
+    module: nn.Module
+    graph: fx.Graph | None = None
+    error: str | None = None
+    constants: dict = field(default_factory=dict)
+    calls: int = 0
+    skeleton: tuple | None = None
+    # The forward takes other paths in train mode: the graph (traced in eval mode) is
+    # right for shapes but must not replace the forward.
+    train_dependent: bool = False
+    quiet: bool = False  # a failure nobody needs to hear about (a user's leaf, a timm layer)
+
+    @property
+    def module_type(self) -> type:
+        return type(self.module)
+
+    def node(self, name: str) -> fx.Node:
+        """The graph's node called ``name``."""
+        for n in self.graph.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
 
 
-def model_device_dtype(model: nn.Module, fallback=None) -> tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of the model's first floating parameter or buffer.
+@dataclass
+class ModelGraphs:
+    """Result of :func:`trace_model`: each called module's graph, in the order first called."""
 
-    A module without any (a parameter-free block) gets ``fallback``, else CPU and the
-    default dtype.
-    """
-    for t in itertools.chain(model.parameters(), model.buffers()):
+    model: nn.Module  # the structural copy
+    graphs: list[ModuleGraph]
+    input_size: tuple[int, int, int]
+    stopped: str | None = None  # why the model's fake forward did not finish, if it did not
+
+    def untraced(self) -> list[tuple[str, str]]:
+        """(path, reason) of every module whose own forward could not be searched for joins."""
+        return [(g.path or "<model>", g.error) for g in self.graphs if g.error and not g.quiet]
+
+
+def _is_layer(m: nn.Module) -> bool:
+    # torch.nn layers hold no joins of their own; containers just call their children.
+    mod = type(m).__module__
+    return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(m, nn.Sequential)
+
+
+class _ShapeInterpreter(fx.Interpreter):
+    def __init__(self, mg: ModuleGraph, keys: tuple[str, str]):
+        super().__init__(mg.module, graph=mg.graph)
+        self.extra_traceback = False  # our errors name the node themselves
+        self.mg, (self.shape_key, self.tensor_key) = mg, keys
+
+    def fetch_attr(self, target: str):
+        if target in self.mg.constants:
+            return self.mg.constants[target]
+        return super().fetch_attr(target)
+
+    def run_node(self, n: fx.Node):
+        try:
+            out = super().run_node(n)
+        except _Stop:
+            raise
+        except Exception as e:
+            raise _NodeFailed(f"{self.mg.path or '<model>'} node {n.name!r}: {short_error(e)}") from e
+        if isinstance(out, torch.Tensor):
+            n.meta[self.shape_key] = tuple(int(s) for s in out.shape)
+            n.meta["tensor"] = True
+        elif isinstance(out, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in out):
+            n.meta["tensor"] = True  # unbind / split / chunk: data flows on through getitem
+        return out
+
+
+class _NodeFailed(RuntimeError):
+    pass
+
+
+class _Stop(BaseException):
+    """Raised through the user's code to end the run (never caught by an ``except Exception``)."""
+
+
+class _Walker:
+    """Runs the model's forward on the copy, tracing and interpreting each module it calls."""
+
+    def __init__(self, copy: nn.Module, paths: dict[int, str], opts: TracerOptions, leaves: tuple, fns: tuple):
+        self.copy, self.paths, self.opts = copy, paths, opts
+        # timm's leaves are traced too: some hold joins (NormFreeBlock, MobileVitBlock);
+        # where one does not trace, its forward runs as it is.
+        self.leaves = tuple(opts.leaf_modules)
+        self.quiet = tuple(leaves)  # failures expected by timm itself: not worth a warning
+        self.fns = tuple(opts.autowrap_functions) + tuple(fns)
+        self.graphs: dict[int, ModuleGraph] = {}
+        self.keys = ("shape", "tensor")
+
+    def dispatch(self, m: nn.Module, args: tuple, kwargs: dict):
+        if id(m) not in self.paths:
+            return MODULE_CALL(m, *args, **kwargs)  # a module the forward made on the fly
+        if is_compiled_wrapper(m):
+            return self.dispatch(m._orig_mod, args, kwargs)
+        if _is_layer(m):
+            return m.forward(*args, **kwargs)
+        mg = self.graphs.get(id(m))
+        if mg is None:
+            mg = self.graphs[id(m)] = self._trace(m, args, kwargs)
+        mg.calls += 1
+        if mg.graph is not None and call_skeleton(args, kwargs) != mg.skeleton:
+            mg.error = ("the model calls it in different ways (arguments "
+                        f"{mg.skeleton} and {call_skeleton(args, kwargs)}), which one graph cannot express")
+        if mg.graph is None or mg.error:
+            return m.forward(*args, **kwargs)
+        try:
+            flat = self._flat_inputs(m, mg, args, kwargs)
+            return _ShapeInterpreter(mg, self.keys).run(*flat)
+        except _NodeFailed as e:
+            # The graph could not run where the module's own code can (a value the
+            # trace fixed, say): run that code, and leave this module's joins alone.
+            mg.error = f"shapes unknown: {e}"
+            return m.forward(*args, **kwargs)
+
+    def _trace(self, m: nn.Module, args: tuple, kwargs: dict) -> ModuleGraph:
+        path = self.paths[id(m)]
+        mg = ModuleGraph(path, m, skeleton=call_skeleton(args, kwargs))
+        if isinstance(m, self.leaves) if self.leaves else False:
+            mg.error, mg.quiet = "a leaf module (its forward is not traced)", True
+            return mg
+        concrete = _concrete_args(m, mg.skeleton)
+        if m is self.copy and self.opts.concrete_args:
+            concrete = dict(concrete or {}, **self.opts.concrete_args)
+        try:
+            with unset_fake_temporarily():
+                graph, constants, read_flag = _trace_with_flag(m, False, self.opts, self.fns, concrete)
+                if read_flag:
+                    other, _, _ = _trace_with_flag(m, True, self.opts, self.fns, concrete)
+                    mg.train_dependent = graph.python_code("self").src != other.python_code("self").src
+        except Exception as e:  # fx raises many types: TraceError, TypeError, AttributeError, ...
+            mg.error = short_error(e)
+            mg.quiet = bool(self.quiet) and isinstance(m, self.quiet) and all(map(_is_layer, m.children()))
+            return mg
+        mg.graph, mg.constants = graph, constants
+        return mg
+
+    @staticmethod
+    def _flat_inputs(m: nn.Module, mg: ModuleGraph, args: tuple, kwargs: dict) -> list:
+        sig = inspect.signature(m.forward)
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+            if kwargs:
+                raise _NodeFailed("keyword arguments to a forward with *args/**kwargs")
+            return list(args)
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return list(mg.graph._codegen.process_inputs(*(bound.arguments[n] for n in sig.parameters)))
+
+    def run(self, size: tuple[int, int, int], keys: tuple[str, str], device, dtype) -> str | None:
+        """One fake forward at ``size``; the reason it stopped, or None."""
+        self.keys = keys
+        for g in self.graphs.values():
+            g.calls = 0
+        walker = self
+
+        def call(mod, *args, **kwargs):
+            return walker.dispatch(mod, args, kwargs)
+
+        nn.Module.__call__ = call
+        try:
+            with torch.no_grad(), fake_mode(), NeutralScalars():
+                x = torch.empty((1, *size), device=device, dtype=dtype)
+                self.copy(x)
+        except _NodeFailed as e:
+            return str(e)
+        except Exception as e:
+            return short_error(e)
+        finally:
+            nn.Module.__call__ = MODULE_CALL
+        return None
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for t in list(model.parameters()) + list(model.buffers()):
         if t.is_floating_point():
             return t.device, t.dtype
-    return fallback or (torch.device("cpu"), torch.get_default_dtype())
+    return torch.device("cpu"), torch.get_default_dtype()
 
 
+def trace_model(model: nn.Module, input_size: tuple[int, int, int], *, canonical_size=None,
+                tracer_kwargs=None) -> ModelGraphs:
+    """Trace every module ``model`` calls and give each graph node its shape.
+
+    Nothing of ``model`` runs or changes: the forward runs on a structural copy with
+    fake tensors and no hooks. With ``canonical_size``, a second fake forward at that
+    size stores shapes under ``node.meta["canon_shape"]`` (for strides that do not
+    depend on ``input_size``).
+
+    Example:
+        >>> import torchvision
+        >>> mg = trace_model(torchvision.models.resnet18(), (3, 64, 64))
+        >>> [g.path for g in mg.graphs][:4], mg.stopped
+        (['', 'layer1', 'layer1.0', 'layer1.1'], None)
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceError(f"{type(model).__name__} is a TorchScript module (torch.jit.script/trace): torch.fx cannot "
+                         "trace it; pass the Python model instead")
+    opts = TracerOptions.of(tracer_kwargs)
+    leaves, fns = timm_registries(model)
+    mode = fake_mode()
+    copy, memo = structural_copy(model, mode)
+    paths: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(memo[id(m)]), name)
+    walker = _Walker(copy, paths, opts, leaves, fns)
+    device, dtype = _device_dtype(model)
+    stopped = walker.run(tuple(input_size), ("shape", "tensor"), device, dtype)
+    if canonical_size is not None and tuple(canonical_size) != tuple(input_size) and stopped is None:
+        # Strides at the canonical size only: what fails there (a model made for one
+        # size) leaves the graphs and their errors as the user's size found them.
+        kept = {id(g): (g.error, g.calls) for g in walker.graphs.values()}
+        walker.run(tuple(canonical_size), ("canon_shape", "canon_tensor"), device, dtype)
+        for g in list(walker.graphs.values()):
+            if id(g) in kept:
+                g.error, g.calls = kept[id(g)]
+            else:  # only reached at the canonical size
+                del walker.graphs[id(g.module)]
+    else:
+        for g in walker.graphs.values():
+            for n in g.graph.nodes if g.graph is not None else ():
+                if "shape" in n.meta:
+                    n.meta["canon_shape"] = n.meta["shape"]
+    return ModelGraphs(copy, list(walker.graphs.values()), tuple(input_size), stopped)

@@ -1,6 +1,7 @@
 """apply(): SE insertion keeps the model's class, weights and (with identity init) outputs."""
 
 import copy
+import inspect
 import io
 import pickle
 import warnings
@@ -41,9 +42,12 @@ def test_resnet50_all_stages_params_class_and_weights(resnet50, patched50):
     for k, v in before.items():
         assert torch.equal(after[k], v), k
     added = sorted(set(after) - set(before))
-    assert len(added) == 16 * 4 and all(".se." in k for k in added)
-    assert "layer3.2.se.fc1.weight" in added
-    # The original's blocks are untouched objects (apply worked on a copy).
+    # Four tensors per SE and its gate scale, which travels with the weights.
+    assert len(added) == 16 * 5 and all(".se." in k for k in added)
+    assert "layer3.2.se.fc1.weight" in added and "layer3.2.se.gate_scale" in added
+    # Blocks keep their class (a generated subclass of it); the original's are untouched.
+    assert all(isinstance(patched50.get_submodule(f"layer{i}.0"), torchvision.models.resnet.Bottleneck)
+               for i in range(1, 5))
     assert type(resnet50.layer1[0]) is torchvision.models.resnet.Bottleneck
     assert not any(isinstance(m, SqueezeExcite) for m in resnet50.modules())
 
@@ -59,7 +63,9 @@ def test_identity_init_keeps_outputs(resnet50, preset):
 
 
 def test_variant_placement(resnet50):
-    code = {v: se_surgery.apply(resnet50, f"se_{v}").layer2[0].code for v in ("pre", "post", "identity")}
+    # A rewritten block's forward is generated code with its source registered, as fx's.
+    code = {v: inspect.getsource(type(se_surgery.apply(resnet50, f"se_{v}").layer2[0]).forward)
+            for v in ("pre", "post", "identity")}
     assert "se = self.se(x)" in code["pre"] and "conv1 = self.conv1(se)" in code["pre"]
     assert "downsample = self.downsample(x)" in code["pre"]  # the skip path reads the unscaled input
     assert "relu_2 = self.relu(add)" in code["post"] and "se = self.se(relu_2)" in code["post"]

@@ -25,7 +25,9 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 import se_surgery
 from se_surgery import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError
+from se_surgery.cli import build_for_training
 from se_surgery.plan import se_modules
+from se_surgery.train import Dist, digits_data, evaluate, load_base_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune.py"
@@ -48,8 +50,8 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def test_images(ft) -> torch.Tensor:
-    _, test, _ = ft.digits_data(SIZE)
+def test_images() -> torch.Tensor:
+    _, test, _ = digits_data(SIZE)
     return test.tensors[0]
 
 
@@ -61,9 +63,9 @@ def pretrained(ft, work) -> tuple[Path, float]:
     return path, res["accuracy"]
 
 
-def fresh(ft, path: Path) -> torch.nn.Module:
-    m = ft.build(MODEL, 10)
-    ft.load_base_weights(m, str(path))
+def fresh(path: Path) -> torch.nn.Module:
+    m = build_for_training(MODEL, 10)
+    load_base_weights(m, str(path))
     return m.eval()
 
 
@@ -83,14 +85,14 @@ def test_pretrained_base_learned_the_digits(pretrained):
     assert pretrained[1] >= 90.0
 
 
-def test_apply_with_identity_init_keeps_outputs_and_accuracy(ft, pretrained, test_images):
-    base = fresh(ft, pretrained[0])
+def test_apply_with_identity_init_keeps_outputs_and_accuracy(pretrained, test_images):
+    base = fresh(pretrained[0])
     model = se_surgery.apply(base, input_size=SIZE)
     assert len(se_surgery.se_parameters(model)) == 16  # 4 sites x fc1/fc2 weight/bias
     with torch.no_grad():
         assert torch.equal(model(test_images), base(test_images))
-    d, test = ft.Dist("cpu"), ft.digits_data(SIZE)[1]
-    assert ft.evaluate(model, test, d) == ft.evaluate(base, test, d)
+    d, test = Dist("cpu"), digits_data(SIZE)[1]
+    assert evaluate(model, test, d) == evaluate(base, test, d)
 
 
 def test_finetune_with_se_keeps_accuracy(tuned, pretrained):
@@ -106,9 +108,9 @@ def test_finetune_with_se_keeps_accuracy(tuned, pretrained):
     assert res["steps"] == 23  # ceil(1437 / 64)
 
 
-def test_freeze_base_leaves_every_base_tensor_unchanged(ft, tuned, pretrained):
+def test_freeze_base_leaves_every_base_tensor_unchanged(tuned, pretrained):
     res, _ = tuned
-    base = fresh(ft, pretrained[0]).state_dict()
+    base = fresh(pretrained[0]).state_dict()
     after = se_surgery.strip(res["model"]).state_dict()
     assert list(after) == list(base)
     assert all(torch.equal(after[k], base[k]) for k in base)  # weights and BatchNorm statistics
@@ -142,10 +144,10 @@ def test_save_se_writes_only_se_weights_and_the_plan(tuned):
     assert {e["rule"] for e in plan} == {0}
 
 
-def test_load_se_on_a_fresh_model_gives_identical_outputs(ft, tuned, pretrained, test_images, work):
+def test_load_se_on_a_fresh_model_gives_identical_outputs(tuned, pretrained, test_images, work):
     res, out = tuned
     model = res["model"].eval()
-    loaded = se_surgery.load_se(fresh(ft, pretrained[0]), out)
+    loaded = se_surgery.load_se(fresh(pretrained[0]), out)
     assert type(loaded) is type(model)
     with torch.no_grad():
         assert torch.equal(loaded(test_images), model(test_images))
@@ -162,10 +164,10 @@ def test_load_se_on_a_fresh_model_gives_identical_outputs(ft, tuned, pretrained,
         assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
 
 
-def test_strip_gives_the_original_model(ft, tuned, pretrained, test_images):
+def test_strip_gives_the_original_model(tuned, pretrained, test_images):
     res, _ = tuned
     model = res["model"]
-    base = fresh(ft, pretrained[0])
+    base = fresh(pretrained[0])
     plain = se_surgery.strip(model)
     assert type(plain) is type(base)
     assert [(n, type(m)) for n, m in plain.named_modules()] == [(n, type(m)) for n, m in base.named_modules()]
@@ -220,9 +222,9 @@ def test_load_se_names_a_missing_site(tv_resnet18, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in shorter.state_dict().items())
 
 
-def test_load_se_names_other_channels(ft, tuned):
+def test_load_se_names_other_channels(tuned):
     _, out = tuned
-    wider = ft.build("timm:resnet10t", 10)  # same class and blocks as test_resnet, twice the channels
+    wider = build_for_training("timm:resnet10t", 10)  # same class and blocks as test_resnet, twice the channels
     with pytest.raises(CheckpointError) as e:
         se_surgery.load_se(wider, out)
     assert str(e.value) == f"{out}: site 'layer1.0' has channels 64 in this ResNet, the checkpoint's has 32"
@@ -237,7 +239,7 @@ def test_load_se_names_another_block_type(tv_resnet18, tmp_path):
                            "the checkpoint's has 'BasicBlock'"
 
 
-def test_load_se_refuses_another_class(ft, tuned):
+def test_load_se_refuses_another_class(tuned):
     _, out = tuned
     with pytest.raises(CheckpointError) as e:
         se_surgery.load_se(torchvision.models.resnet18(num_classes=10), out)
@@ -257,9 +259,9 @@ def test_load_se_names_a_tensor_of_the_wrong_shape(tv_resnet18, tmp_path):
                            "'layer3.0' needs (16, 256, 1, 1)"
 
 
-def test_load_se_refuses_files_it_did_not_write(ft, pretrained, tmp_path, tv_resnet18):
+def test_load_se_refuses_files_it_did_not_write(pretrained, tmp_path, tv_resnet18):
     with pytest.raises(CheckpointError) as e:
-        se_surgery.load_se(fresh(ft, pretrained[0]), pretrained[0])
+        se_surgery.load_se(fresh(pretrained[0]), pretrained[0])
     assert str(e.value) == f"{pretrained[0]}: not an se-surgery SE checkpoint (metadata format None, expected " \
                            "'se-surgery/1'); write one with se_surgery.save_se"
     junk = tmp_path / "junk.safetensors"
@@ -336,10 +338,13 @@ def test_torchrun_two_processes_keep_se_weights_identical(pretrained, work):
     last = run.stdout.strip().splitlines()[-1]
     assert last.startswith("accuracy: ") and "after 3 steps of fine-tuning with SE" in last, run.stdout
     assert "2 process(es) on cpu" in run.stdout
+    # Each epoch reports its accuracy and how far SE moved from identity (once: rank 0 only).
+    assert run.stdout.count("epoch 1: ") == 1 and "mean |gate - 1|" in run.stdout, run.stdout
     files = [out, work / "ddp.rank0.safetensors", work / "ddp.rank1.safetensors"]
     opened = [safe_open(str(f), "pt") for f in files]
-    keys = sorted(opened[0].keys())
-    assert len(keys) == 16 and all(sorted(o.keys()) == keys for o in opened)
+    keys = sorted(opened[0].keys())  # SE only, or SE and base where save_se has include_base
+    assert all(sorted(o.keys()) == keys for o in opened)
+    assert len([k for k in keys if ".se_inserted." in k]) == 16
     for k in keys:
         t = [o.get_tensor(k) for o in opened]
         assert torch.equal(t[0], t[1]) and torch.equal(t[1], t[2]), k

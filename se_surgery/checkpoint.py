@@ -1,0 +1,348 @@
+"""Checkpoints: SE weights (and, after a full fine-tune, the base too) with the plan that made them.
+
+A checkpoint is a safetensors file: no pickle. Its metadata records the model's class,
+a fingerprint of its sites (name, kind, channels of every site discovery found), the
+input size, the rules and, for every inserted module, its site and resolved options.
+:func:`load_se` rebuilds exactly that plan on a fresh model, after checking every field
+and every tensor, so a checkpoint never half-loads and never loads into a model it was
+not made for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError, RuleError, \
+    SESurgeryWarning
+from .insert import build_patches
+from .patch import base_class, swap
+from .plan import PlannedSite, is_patched, plan_from, se_modules
+from .rules import VARIANTS, Rules, SEOptions, load_rules
+from .sites import KINDS, Site, discover
+
+__all__ = ["save_se", "load_se", "FORMAT"]
+
+FORMAT = "se-surgery/2"
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """The model inside DataParallel / DistributedDataParallel / torch.compile wrappers, and
+    its path in the wrapper (``module``, ``_orig_mod``, ``""`` when there is none)."""
+    path = []
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model, _ = model.module, path.append("module")
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model, _ = model._orig_mod, path.append("_orig_mod")
+        else:
+            return model, ".".join(path)
+
+
+def _strip_prefix(name: str, prefix: str) -> str:
+    if not prefix:
+        return name
+    if name == prefix:
+        return ""
+    return name[len(prefix) + 1:] if name.startswith(prefix + ".") else name
+
+
+def _class_path(model: nn.Module) -> str:
+    cls = base_class(model)  # a root with joins of its own has a generated subclass
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _no_se(model: nn.Module, what: str) -> NotPatchedError:
+    return NotPatchedError(f"{type(model).__name__} has no SE from se-surgery; {what} "
+                           "(call se_surgery.apply(model, rules) first)")
+
+
+def _check_target(path) -> Path:
+    if path is None or not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise CheckpointError(f"the checkpoint path must be a file name, got {path!r}")
+    p = Path(path)
+    if p.exists() and not p.is_file():
+        raise CheckpointError(f"{str(path)!r} exists and is not a regular file (a directory or device); "
+                              "give a file name")
+    if p.is_symlink():
+        raise CheckpointError(f"{str(path)!r} is a symbolic link; give the file itself")
+    if not p.parent.is_dir():
+        raise CheckpointError(f"cannot write {str(path)!r}: the folder {str(p.parent)!r} does not exist")
+    return p
+
+
+def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = False) -> None:
+    """Write the SE weights to a safetensors file, with the plan that made them.
+
+    Tensors are stored under their ``state_dict`` names (``layer3.0.se.fc1.weight``).
+    With ``include_base=True`` every other tensor of the model is written too, so a
+    fine-tune that trained the base is reproduced by :func:`load_se` on the original
+    model; without it, a warning says when base parameters were trainable. A model
+    wrapped in DataParallel, DistributedDataParallel or ``torch.compile`` is saved as
+    the bare model, and loads onto either. The file is written next to ``path`` and
+    moved into place, so a failed save leaves no half-written checkpoint.
+
+    Example:
+        >>> import tempfile, torchvision, se_surgery
+        >>> m = se_surgery.apply(torchvision.models.resnet18(), "late_stages", input_size=64)
+        >>> f = tempfile.mkdtemp() + "/se.safetensors"
+        >>> se_surgery.save_se(m, f)
+        >>> from safetensors import safe_open
+        >>> with safe_open(f, "pt") as st:
+        ...     len(st.keys()), st.metadata()["input_size"]
+        (20, '[3, 64, 64]')
+    """
+    from safetensors.torch import save_file
+
+    target = _check_target(path)
+    inner, prefix = unwrap(model)
+    mods = se_modules(inner)
+    if not mods:
+        raise _no_se(inner, "there are no SE weights to save")
+    se_ids = {id(p) for _, m in mods for p in m.parameters()}
+    trainable = [n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in se_ids]
+    if trainable and not include_base:
+        warnings.warn(f"{len(trainable)} base parameter(s) of {type(inner).__name__} are trainable (e.g. "
+                      f"{trainable[0]}): if they were trained, save_se(..., include_base=True) keeps them; this "
+                      "checkpoint holds only the SE weights", SESurgeryWarning, stacklevel=2)
+    first = mods[0][1]
+    sizes = {tuple(m.se_input_size) for _, m in mods}
+    if len(sizes) != 1:
+        raise CheckpointError(f"the SE modules of this {type(inner).__name__} were planned at different input "
+                              f"sizes {sorted(map(str, sizes))}; one apply() call makes one plan")
+
+    def site_dict(site: Site) -> dict:
+        d = site.to_dict()
+        d["name"], d["owner"] = _strip_prefix(site.name, prefix), _strip_prefix(site.owner, prefix)
+        return d
+
+    rules = first.se_rules
+    meta = {
+        "format": FORMAT,
+        "model_class": _class_path(inner),
+        "input_size": json.dumps(list(sizes.pop())),
+        "rules": json.dumps(dict(rules.to_dict(), source=rules.source)),
+        "sites": json.dumps([[_strip_prefix(n, prefix), k, c] for n, k, c in first.se_model_sites]),
+        "plan": json.dumps([{"module": name, "site": site_dict(m.se_site), "options": m.se_options.to_dict(),
+                             "rule": m.se_rule} for name, m in mods]),
+        "include_base": json.dumps(include_base),
+    }
+    state = inner.state_dict()
+    names = {f"{name}.{k}" for name, m in mods for k in m.state_dict()}
+    keep = state if include_base else {k: v for k, v in state.items() if k in names}
+    # Copies: safetensors refuses tensors that share storage, as state_dict views may.
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in keep.items()}
+    fd, tmp = tempfile.mkstemp(prefix=".se-surgery-", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ------------------------------------------------------------------ reading and checking
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise MissingFileError(f"SE checkpoint {str(path)!r} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an se-surgery checkpoint of this version (metadata format "
+                              f"{meta.get('format')!r}, expected {FORMAT!r}); write one with se_surgery.save_se")
+    return meta, tensors
+
+
+def _field(path: Path, meta: dict, key: str, kind: type | tuple):
+    if key not in meta:
+        raise CheckpointError(f"{path}: metadata field {key!r} is missing")
+    try:
+        value = json.loads(meta[key], parse_constant=lambda c: math.nan)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: metadata field {key!r} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{path}: metadata field {key!r} must be a {getattr(kind, '__name__', kind)}, got "
+                              f"{type(value).__name__}")
+    return value
+
+
+_SITE_TYPES = {"name": str, "kind": str, "owner": str, "owner_type": str, "stage": int, "block": int,
+               "channels": int, "spatial": list, "stride": int, "channel_dim": int, "node": str}
+
+
+def _site(path: Path, i: int, raw) -> Site:
+    where = f"{path}: plan entry {i}"
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: 'site' must be an object")
+    for k, t in _SITE_TYPES.items():
+        if not isinstance(raw.get(k), t) or isinstance(raw.get(k), bool):
+            raise CheckpointError(f"{where}: site field {k!r} must be a {t.__name__}, got {raw.get(k)!r}")
+    if raw["kind"] not in KINDS:
+        raise CheckpointError(f"{where}: site kind {raw['kind']!r} is not one of {', '.join(KINDS)}")
+    if raw["channels"] < 1 or raw["channel_dim"] not in (1, -1):
+        raise CheckpointError(f"{where}: site {raw['name']!r} has channels {raw['channels']} and channel_dim "
+                              f"{raw['channel_dim']}")
+    try:
+        return Site.from_dict({k: raw.get(k) for k in Site.__dataclass_fields__ if k in raw})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: damaged site record ({e})") from None
+
+
+def _options(path: Path, i: int, raw) -> SEOptions:
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: plan entry {i}: 'options' must be an object")
+    try:
+        rules = load_rules({"defaults": raw, "rules": [{"select": {}}]})
+    except RuleError as e:
+        raise CheckpointError(f"{path}: plan entry {i}: {str(e).split(': ', 1)[-1]}") from None
+    if rules.defaults.variant not in VARIANTS:  # pragma: no cover - load_rules checks it
+        raise CheckpointError(f"{path}: plan entry {i}: unknown variant {rules.defaults.variant!r}")
+    return rules.defaults.resolved()
+
+
+def _parse(path: Path, meta: dict):
+    size = _field(path, meta, "input_size", list)
+    if len(size) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 65536 for s in size):
+        raise CheckpointError(f"{path}: metadata field 'input_size' must be 3 positive ints (C, H, W), got {size!r}")
+    raw_rules = _field(path, meta, "rules", dict)
+    try:
+        source = str(raw_rules.pop("source", "<dict>"))
+        rules = load_rules(raw_rules)
+        rules = Rules(rules.defaults, rules.rules, source)
+    except RuleError as e:
+        raise CheckpointError(f"{path}: metadata field 'rules' is not valid rules: {e}") from None
+    sites = _field(path, meta, "sites", list)
+    if not all(isinstance(s, list) and len(s) == 3 for s in sites):
+        raise CheckpointError(f"{path}: metadata field 'sites' must list [name, kind, channels] triples")
+    raw_plan = _field(path, meta, "plan", list)
+    if not raw_plan:
+        raise CheckpointError(f"{path}: the checkpoint's plan has no SE site")
+    entries, seen = [], set()
+    for i, e in enumerate(raw_plan):
+        if not isinstance(e, dict) or not isinstance(e.get("module"), str) or not e["module"]:
+            raise CheckpointError(f"{path}: plan entry {i} must be an object with a 'module' name")
+        site, options = _site(path, i, e.get("site")), _options(path, i, e.get("options"))
+        rule = e.get("rule")
+        if rule is not None and (not isinstance(rule, int) or isinstance(rule, bool)):
+            raise CheckpointError(f"{path}: plan entry {i}: 'rule' must be an int or null, got {rule!r}")
+        for key in (e["module"], site.name):
+            if key in seen:
+                raise CheckpointError(f"{path}: plan entry {i}: {key!r} appears twice in the plan")
+            seen.add(key)
+        entries.append((e["module"], PlannedSite(site, True, options, rule, () if rule is None else (rule,))))
+    include_base = _field(path, meta, "include_base", bool)
+    return tuple(size), rules, [tuple(s) for s in sites], entries, include_base
+
+
+def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False) -> nn.Module:
+    """Redo the surgery recorded in a checkpoint on ``model`` and load its weights.
+
+    ``model`` is a fresh (usually pretrained) model of the class the checkpoint was made
+    from, without SE; it may be wrapped in DataParallel or ``torch.compile``. The model
+    is traced once at the recorded input size and must have the same sites (name, kind,
+    channels) as the one the checkpoint was made on; every metadata field and tensor is
+    checked, and only then is anything changed, so a bad checkpoint leaves ``model`` as
+    it was. A checkpoint saved with ``include_base=True`` also restores the base weights.
+    Returns the patched model (a copy unless ``inplace=True``), in the training mode
+    ``model`` was in.
+
+    Example:
+        >>> import tempfile, torch, torchvision, se_surgery
+        >>> tuned = se_surgery.apply(torchvision.models.resnet18().eval(), "late_stages", input_size=64)
+        >>> f = tempfile.mkdtemp() + "/se.safetensors"
+        >>> se_surgery.save_se(tuned, f)
+        >>> base = torchvision.models.resnet18()
+        >>> base.load_state_dict(se_surgery.strip(tuned).state_dict())  # the same pretrained weights
+        <All keys matched successfully>
+        >>> again = se_surgery.load_se(base.eval(), f)
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> torch.equal(again(x), tuned(x))
+        True
+    """
+    import copy
+
+    path = Path(path)
+    meta, tensors = _read(path)
+    size, rules, recorded, entries, include_base = _parse(path, meta)
+    inner, _ = unwrap(model)
+    if is_patched(inner):
+        raise AlreadyPatchedError(f"{type(inner).__name__} already has SE from se-surgery; load {path} into a "
+                                  "fresh model (or se_surgery.strip(model) first)")
+    cls = _class_path(inner)
+    if cls != meta.get("model_class"):
+        raise CheckpointError(f"{path}: made for a {meta.get('model_class')}, not a {cls}")
+    d = discover(inner, size)
+    found = [(s.name, s.kind, s.channels) for s in d.sites]
+    for i, (mine, theirs) in enumerate(zip(found, recorded)):
+        if mine != theirs:
+            raise CheckpointError(f"{path}: the model differs from the one the checkpoint was made on: site {i + 1} "
+                                  f"is {mine[0]} ({mine[1]}, {mine[2]} channels) here, {theirs[0]} ({theirs[1]}, "
+                                  f"{theirs[2]} channels) there")
+    if len(found) != len(recorded):
+        raise CheckpointError(f"{path}: the model differs from the one the checkpoint was made on: it has "
+                              f"{len(found)} sites, that one had {len(recorded)}")
+    have = {s.name: s for s in d.sites}
+    planned = []
+    for module, e in entries:
+        mine = have.get(e.site.name)
+        if mine is None or (mine.kind, mine.channels, mine.channel_dim, mine.node) != (
+                e.site.kind, e.site.channels, e.site.channel_dim, e.site.node):
+            raise CheckpointError(f"{path}: site {e.site.name!r} of the plan does not match this {type(inner).__name__}")
+        planned.append((module, PlannedSite(mine, True, e.options, e.rule, e.matched)))
+    by_name = {e.site.name: e for _, e in planned}
+    all_entries = [by_name.get(s.name) or PlannedSite(s, False, None, None) for s in d.sites]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SESurgeryWarning)  # said when the checkpoint was made
+        p = plan_from(inner, rules, d, entries=all_entries)
+    target = model if inplace else copy.deepcopy(model)
+    target_inner, _ = unwrap(target)
+    patches = build_patches(target_inner, p)
+    made = {(f"{pt.path}.{n}" if pt.path else n): m for pt in patches for n, m in pt.modules.items()}
+    if sorted(made) != sorted(m for m, _ in planned):
+        raise CheckpointError(f"{path}: the plan's modules are {sorted(m for m, _ in planned)[:3]}..., this model "
+                              f"would get {sorted(made)[:3]}...")
+    # Every tensor is checked against what it will be loaded into before anything changes.
+    expected = {f"{name}.{k}": v for name, m in made.items() for k, v in m.state_dict().items()}
+    base_state = target_inner.state_dict() if include_base else {}
+    for key, t in tensors.items():
+        want = expected.get(key, base_state.get(key))
+        if want is None:
+            raise CheckpointError(f"{path}: tensor {key!r} belongs to nothing in this {type(inner).__name__}")
+        if t.is_floating_point() != want.is_floating_point() or (t.dtype == torch.bool) != (want.dtype == torch.bool):
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {t.dtype}, this model's is {want.dtype}; "
+                                  "tensors of another kind are refused, not cast")
+        if tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, this model needs "
+                                  f"{tuple(want.shape)}")
+    for key in list(expected) + list(base_state):
+        if key not in tensors:
+            raise CheckpointError(f"{path}: tensor {key!r} is missing from the file")
+    for name, m in made.items():
+        prefix = name + "."
+        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        m.se_rule = dict(planned)[name].rule
+    swap(target_inner, patches)
+    if include_base:
+        with torch.no_grad():
+            for k, v in target_inner.state_dict().items():
+                if k in base_state:
+                    v.copy_(tensors[k])
+    return target

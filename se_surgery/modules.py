@@ -1,0 +1,516 @@
+"""The catalog of channel-attention modules se-surgery can insert: a name -> factory registry.
+
+As in timm's ``create_attn``, a name maps to a factory that takes the channel count first
+and the module's options as keywords. Built in:
+
+======  =====================================================  ====================================
+name    module                                                 options (defaults)
+======  =====================================================  ====================================
+se      :class:`~se_surgery.se.SqueezeExcite` (Hu et al.)      ratio 16, divisor 1, min_hidden 1,
+                                                               squeeze avg, gate sigmoid, init, bias
+ese     :class:`~se_surgery.attention.EffectiveSE`             add_maxpool false, gate hard_sigmoid
+eca     :class:`~se_surgery.attention.ECA`                     kernel_size (from C), gamma 2, beta 1
+gc      :class:`~se_surgery.attention.GlobalContext`           ratio 8, divisor, min_hidden, fuse add
+cbam    :class:`~se_surgery.attention.CBAM`                    ratio 16, spatial_kernel_size 7, bias
+======  =====================================================  ====================================
+
+Every built-in also takes ``init`` (``identity``: exactly its input at insertion, or
+``paper``) and ``gate``, accepts ``channel_dim=-1`` for channels-last maps, and its
+``forward(x, skip=None)`` returns ``skip + module(x)`` when given ``skip``.
+
+Users add their own with :func:`register_module`, or from an installed package through
+the entry-point group ``se_surgery.modules`` (the entry point's name is the module name,
+its object the factory), loaded on the first lookup of a module name.
+
+A factory's options are its keyword parameters other than ``channels``, ``channel_dim``,
+``device`` and ``dtype`` (those three are passed by se-surgery when the factory takes
+them). A module whose ``forward`` has no ``skip`` parameter is closed into a residual
+join as ``skip + module(x)``.
+
+MACs (multiply-accumulates for one image at C x H x W, E = C*H*W elements, P = H*W, the
+convention of :mod:`se_surgery.report`): the FC/conv/matmul MACs plus one op per element
+for each global pool and one for each scale or add:
+
+- ``se``: ``2*C*hidden + E`` (``2E`` for ``avgmax``) ``+ E``
+- ``ese``: ``C*C + E`` (``2E`` with ``add_maxpool``) ``+ E``
+- ``eca``: ``k*C + E + E``
+- ``gc``: ``E`` (attention logits) ``+ E`` (weighted pool) ``+ 2*C*hidden + E`` (fuse)
+- ``cbam``: ``2E`` (avg and max pool) ``+ 4*C*hidden`` (the MLP, twice) ``+ E`` (scale)
+  ``+ 2E`` (channel mean and max maps) ``+ 2*k*k*P`` (spatial conv) ``+ E`` (scale)
+- a registered module: what ``torch.utils.flop_counter`` counts in its forward (on meta
+  tensors, halved) ``+ E``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import ModuleError, SESurgeryWarning
+from .se import GATES, INITS, SQUEEZES, SqueezeExcite, hidden_channels
+
+__all__ = ["ENTRY_POINT_GROUP", "count_macs", "count_params", "create", "module_names", "option_defaults",
+           "option_names", "register_module", "supports_skip", "validate_options"]
+
+ENTRY_POINT_GROUP = "se_surgery.modules"
+BUILTIN_NAMES = ("se", "ese", "eca", "gc", "cbam")
+# Passed by se-surgery itself, never by a rule.
+_CORE_ARGS = ("channels", "channel_dim", "device", "dtype")
+# Rule keys that mean something else; an option of that name could never be set.
+_RULE_WORDS = ("select", "skip", "variant", "module")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*\Z")
+
+
+# ---------------------------------------------------------------- option checks
+
+
+def _is_number(v) -> bool:
+    # ints are finite by construction (and may be too large for math.isfinite)
+    return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)))
+
+
+def _is_int(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int)
+
+
+def _choice(options: tuple[str, ...]):
+    return lambda v: None if v in options else f"one of {', '.join(options)}"
+
+
+# Bounds of the bottleneck options. Anything outside asks for a layer nobody means to
+# build (a ratio of 5e-324 is a hidden width of 1e325), so `se-surgery check` refuses it
+# before a model is built rather than letting `plan` overflow. Below ratio 1/8 hidden
+# exceeds 8x the channels; above 4096 (more than any CNN's channel count) every site gets
+# min_hidden.
+RATIO_RANGE = (0.125, 4096)
+DIVISOR_RANGE = (1, 512)
+MIN_HIDDEN_RANGE = (1, 4096)
+
+
+def _within(ok, lo, hi, what: str):
+    return lambda v: None if ok(v) and lo <= v <= hi else f"{what} from {lo} to {hi}"
+
+
+# key -> check returning None (valid) or what is allowed; messages match the rules' own.
+_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "ratio": _within(_is_number, *RATIO_RANGE, "a number"),
+    "divisor": _within(_is_int, *DIVISOR_RANGE, "an integer"),
+    "min_hidden": _within(_is_int, *MIN_HIDDEN_RANGE, "an integer"),
+    "init": _choice(INITS),
+    "squeeze": _choice(SQUEEZES),
+    "gate": _choice(GATES),
+    "bias": lambda v: None if isinstance(v, bool) else "true or false",
+    "add_maxpool": lambda v: None if isinstance(v, bool) else "true or false",
+    "kernel_size": lambda v: None if v is None or (_is_int(v) and v >= 1 and v % 2) else
+    "an odd integer >= 1, or null (from the channel count)",
+    "spatial_kernel_size": lambda v: None if _is_int(v) and v >= 1 and v % 2 else "an odd integer >= 1",
+    "gamma": lambda v: None if _is_number(v) and v > 0 else "a number > 0",
+    "beta": lambda v: None if _is_number(v) else "a finite number",
+    "fuse": _choice(("add", "scale")),
+}
+
+
+# ---------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """A registered factory and what its signature says."""
+
+    name: str
+    factory: Callable
+    defaults: dict  # option -> default (inspect.Parameter.empty when required)
+    any_options: bool  # the factory takes **kwargs
+    takes: frozenset  # which of channel_dim / device / dtype it accepts
+    builtin: bool = False
+    # Closed-form counts of the built-ins: (channels, resolved options[, spatial]).
+    params: Callable | None = field(default=None, compare=False)
+    macs: Callable | None = field(default=None, compare=False)  # -> (FC/conv/matmul MACs, elementwise ops)
+    hidden: Callable | None = field(default=None, compare=False)
+
+    @property
+    def origin(self) -> str:
+        return f"{getattr(self.factory, '__module__', '?')}.{getattr(self.factory, '__qualname__', repr(self.factory))}"
+
+
+def _inspect(name: str, factory: Callable) -> tuple[dict, bool, frozenset]:
+    if not callable(factory):
+        raise ModuleError(f"module {name!r}: the factory must be callable (a class or function taking the channel "
+                          f"count first), got {type(factory).__name__}")
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError) as e:
+        raise ModuleError(f"module {name!r}: cannot read the signature of {factory!r} ({e}); "
+                          "wrap it in a function with named parameters") from None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                  inspect.Parameter.VAR_POSITIONAL)
+    if not params or params[0].kind not in positional:
+        raise ModuleError(f"module {name!r}: the factory must take the channel count as its first positional "
+                          f"parameter, its signature is {inspect.signature(factory)}")
+    defaults, any_options, takes = {}, False, set()
+    for p in params[1:]:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            any_options = True
+        elif p.kind is inspect.Parameter.VAR_POSITIONAL:
+            continue
+        elif p.name in _CORE_ARGS:
+            takes.add(p.name)
+        elif p.name in _RULE_WORDS:
+            raise ModuleError(f"module {name!r}: the factory has a parameter {p.name!r}, which is a rule key "
+                              f"({', '.join(_RULE_WORDS)}) and could never be set; rename it")
+        else:
+            defaults[p.name] = p.default
+    if any_options:
+        takes.update(("channel_dim", "device", "dtype"))
+    return defaults, any_options, frozenset(takes)
+
+
+def _spec(name: str, factory: Callable, builtin: bool = False, **counts) -> _Spec:
+    defaults, any_options, takes = _inspect(name, factory)
+    return _Spec(name, factory, defaults, any_options, takes, builtin, **counts)
+
+
+def _se_params(c, o):
+    h = hidden_channels(c, o["ratio"], o["divisor"], o["min_hidden"])
+    return 2 * c * h + ((h + c) if o["bias"] else 0)
+
+
+def _se_macs(c, sp, o):
+    e = c * sp[0] * sp[1]
+    return 2 * c * hidden_channels(c, o["ratio"], o["divisor"], o["min_hidden"]), e * (o["squeeze"] == "avgmax") + 2 * e
+
+
+def _hidden(c, o):
+    return hidden_channels(c, o["ratio"], o["divisor"], o["min_hidden"])
+
+
+def _eca_k(c, o):
+    from .attention import eca_kernel_size
+
+    return o["kernel_size"] if o["kernel_size"] is not None else eca_kernel_size(c, o["gamma"], o["beta"])
+
+
+def _cbam_params(c, o):
+    h, k = _hidden(c, o), o["spatial_kernel_size"]
+    return 2 * c * h + ((h + c) if o["bias"] else 0) + 2 * k * k + 2
+
+
+def _cbam_macs(c, sp, o):
+    e, k = c * sp[0] * sp[1], o["spatial_kernel_size"]
+    return 4 * c * _hidden(c, o) + 2 * k * k * sp[0] * sp[1], 6 * e
+
+
+def _builtins() -> dict[str, _Spec]:
+    from .attention import CBAM, ECA, EffectiveSE, GlobalContext
+
+    return {
+        "se": _spec("se", SqueezeExcite, True, params=_se_params, macs=_se_macs, hidden=_hidden),
+        "ese": _spec("ese", EffectiveSE, True, params=lambda c, o: c * c + c, hidden=lambda c, o: None,
+                     macs=lambda c, sp, o: (c * c, c * sp[0] * sp[1] * (2 + o["add_maxpool"]))),
+        "eca": _spec("eca", ECA, True, params=lambda c, o: _eca_k(c, o), hidden=lambda c, o: None,
+                     macs=lambda c, sp, o: (_eca_k(c, o) * c, 2 * c * sp[0] * sp[1])),
+        "gc": _spec("gc", GlobalContext, True, hidden=_hidden,
+                    params=lambda c, o: (c + 1) + 2 * c * _hidden(c, o) + 3 * _hidden(c, o) + c,
+                    macs=lambda c, sp, o: (2 * c * sp[0] * sp[1] + 2 * c * _hidden(c, o), c * sp[0] * sp[1])),
+        "cbam": _spec("cbam", CBAM, True, params=_cbam_params, macs=_cbam_macs, hidden=_hidden),
+    }
+
+
+class _Registry:
+    """Built-ins, then users' registrations and plugins (loaded once, on first lookup)."""
+
+    def __init__(self) -> None:
+        self.builtin = _builtins()
+        self.user: dict[str, _Spec] = {}
+        self.failed: dict[str, str] = {}  # plugin name -> why it did not load
+        self.plugins_loaded = False
+
+    def load_plugins(self) -> None:
+        if self.plugins_loaded:
+            return
+        self.plugins_loaded = True
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            dist = getattr(getattr(ep, "dist", None), "name", None)
+            who = f"plugin {ep.name!r} ({ep.value}" + (f", from {dist}" if dist else "") + ")"
+            try:
+                register_module(ep.name, ep.load())
+            except Exception as e:  # noqa: BLE001 - a broken plugin must not break the built-in modules
+                msg = f"se-surgery module {who} failed to load: {type(e).__name__}: {e}"
+                self.failed[ep.name] = msg
+                warnings.warn(msg, SESurgeryWarning, stacklevel=4)
+
+    def get(self, name: str) -> _Spec:
+        self.load_plugins()
+        spec = self.user.get(name) if isinstance(name, str) else None
+        spec = spec or (self.builtin.get(name) if isinstance(name, str) else None)
+        if spec is not None:
+            return spec
+        if isinstance(name, str) and name in self.failed:
+            raise ModuleError(self.failed[name])
+        close = difflib.get_close_matches(str(name), self.names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ModuleError(f"unknown module {name!r}{hint}; available: {', '.join(self.names())} "
+                          "(se_surgery.register_module(name, factory) adds your own)")
+
+    def names(self) -> list[str]:
+        return list(self.builtin) + [n for n in self.user if n not in self.builtin]
+
+
+_REGISTRY: _Registry | None = None
+
+
+def _registry() -> _Registry:
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = _Registry()
+    return _REGISTRY
+
+
+# ---------------------------------------------------------------- public API
+
+
+def register_module(name: str, factory: Callable, *, overwrite: bool = False) -> None:
+    """Make ``factory`` insertable as ``module: name`` in rules.
+
+    ``factory(channels, **options)`` returns an ``nn.Module`` mapping a feature map to one
+    of the same shape. Its keyword parameters are the options rules may set, checked by
+    name (a rule key the factory does not take is an error). If it takes ``channel_dim``
+    (``1`` for NCHW, ``-1`` for channels-last maps), ``device`` or ``dtype``, se-surgery
+    passes them. A module whose ``forward`` takes ``skip`` must return ``skip + out``
+    for it (one fused op); other modules are closed into a residual join as
+    ``skip + module(x)``. Give it an exact identity init so that the patched model
+    equals the original until trained.
+
+    Args:
+        name: letters, digits, ``_`` and ``-``, starting with a letter.
+        factory: a class or function taking the channel count first.
+        overwrite: replace a module of the same name (a built-in included).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> class Gate(nn.Module):
+        ...     def __init__(self, channels, scale=1.0):
+        ...         super().__init__()
+        ...         self.w = nn.Parameter(torch.zeros(channels))
+        ...     def forward(self, x):
+        ...         return x * (1 + self.w[:, None, None])
+        >>> register_module("my_gate", Gate)
+        >>> option_names("my_gate"), count_params("my_gate", 64, {})
+        (('scale',), 64)
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ModuleError(f"module name must be a string of letters, digits, '_' and '-' starting with a letter, "
+                          f"got {name!r}")
+    reg = _registry()
+    spec = _spec(name, factory)
+    old = reg.user.get(name) or reg.builtin.get(name)
+    if old is not None and not overwrite and old.factory is not factory:
+        what = "a built-in module" if old.builtin else f"already registered ({old.origin})"
+        raise ModuleError(f"module {name!r} is {what}; pass overwrite=True to replace it, or pick another name")
+    reg.user[name] = spec
+    reg.failed.pop(name, None)
+
+
+def module_names() -> list[str]:
+    """Names rules may give as ``module``: the built-ins, then registered ones.
+
+    Example:
+        >>> module_names()[:5]
+        ['se', 'ese', 'eca', 'gc', 'cbam']
+    """
+    reg = _registry()
+    reg.load_plugins()
+    return reg.names()
+
+
+def option_names(module_name: str) -> tuple[str, ...]:
+    """The options ``module_name``'s factory takes, in signature order.
+
+    Example:
+        >>> option_names("eca")
+        ('kernel_size', 'gamma', 'beta', 'gate', 'init')
+    """
+    return tuple(_registry().get(module_name).defaults)
+
+
+def option_defaults(module_name: str) -> dict:
+    """Each option's default (``inspect.Parameter.empty`` for one the factory requires).
+
+    Example:
+        >>> option_defaults("gc")["ratio"]
+        8
+    """
+    return dict(_registry().get(module_name).defaults)
+
+
+def accepts(module_name: str, key: str) -> bool:
+    """Whether ``module_name``'s factory takes the option ``key`` (a ``**kwargs`` factory takes any)."""
+    spec = _registry().get(module_name)
+    return key not in _CORE_ARGS and key not in _RULE_WORDS and (key in spec.defaults or spec.any_options)
+
+
+def check_option(module_name: str, key: str, value) -> str | None:
+    """Why ``value`` is not valid for ``key`` (``"ratio must be a number from 0.125 to 4096, got -1"``), or None."""
+    spec = _registry().get(module_name)
+    check = _CHECKS.get(key) if spec.builtin else None
+    allowed = check(value) if check else None
+    if not allowed:
+        return None
+    try:  # an int of 5,000 digits has no repr under Python's default limit
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    except ValueError:
+        shown = f"an {type(value).__name__} too large to print"
+    return f"{key} must be {allowed}, got {shown}"
+
+
+def validate_options(module_name: str, options: dict) -> dict:
+    """Check ``options`` against what ``module_name`` takes; return them as a new dict.
+
+    Built-in modules check each value's type and range; registered modules are checked
+    by name against their factory's signature (their values by the factory itself).
+
+    Example:
+        >>> validate_options("eca", {"kernel_size": 5})
+        {'kernel_size': 5}
+        >>> validate_options("eca", {"kernel_size": 4})
+        Traceback (most recent call last):
+        ...
+        se_surgery.errors.ModuleError: module 'eca': kernel_size must be an odd integer >= 1, or null (from the channel count), got 4
+    """
+    if not isinstance(options, dict):
+        raise ModuleError(f"module {module_name!r}: options must be a dict, got {type(options).__name__}")
+    spec = _registry().get(module_name)
+    for k, v in options.items():
+        if not accepts(module_name, k):
+            names = list(spec.defaults)
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ModuleError(f"module {module_name!r} takes no option {k!r}{hint}; it takes: "
+                              f"{', '.join(names) or 'none'}")
+        why = check_option(module_name, k, v)
+        if why:
+            raise ModuleError(f"module {module_name!r}: {why}")
+    return dict(options)
+
+
+def resolve_options(module_name: str, options: dict) -> dict:
+    """The factory's defaults overlaid by ``options`` (what the module is built with)."""
+    spec = _registry().get(module_name)
+    return {**{k: v for k, v in spec.defaults.items() if v is not inspect.Parameter.empty}, **options}
+
+
+def create(module_name: str, channels: int, options: dict, *, channel_dim: int = 1, device=None,
+           dtype=None) -> nn.Module:
+    """Build ``module_name`` for a map of ``channels`` channels with ``options``.
+
+    Example:
+        >>> import torch
+        >>> m = create("eca", 64, {"kernel_size": 5}, channel_dim=-1)
+        >>> x = torch.randn(2, 8, 8, 64)  # channels-last
+        >>> type(m).__name__, torch.equal(m(x), x)
+        ('ECA', True)
+    """
+    spec = _registry().get(module_name)
+    opts = validate_options(module_name, options)
+    if "channel_dim" in spec.takes:
+        opts["channel_dim"] = channel_dim
+    elif channel_dim != 1:
+        raise ModuleError(f"module {module_name!r} cannot go at a channels-last (N, H, W, C) site: its factory "
+                          f"{spec.origin} takes no channel_dim")
+    for key, value in (("device", device), ("dtype", dtype)):
+        if key in spec.takes:
+            opts[key] = value
+    try:
+        module = spec.factory(int(channels), **opts)
+    except ModuleError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ModuleError(f"module {module_name!r} ({spec.origin}) could not be built for {channels} channels with "
+                          f"options {options}: {e}") from e
+    if not isinstance(module, nn.Module):
+        raise ModuleError(f"module {module_name!r}: the factory {spec.origin} returned a {type(module).__name__}, "
+                          "not a torch.nn.Module")
+    if (device is not None or dtype is not None) and not ({"device", "dtype"} <= spec.takes):
+        module = module.to(device=device, dtype=dtype)
+    return module
+
+
+def supports_skip(module: nn.Module) -> bool:
+    """Whether ``module(x, skip)`` computes ``skip + module(x)`` itself (every built-in does).
+
+    Example:
+        >>> supports_skip(create("se", 64, {})), supports_skip(nn.Identity())
+        (True, False)
+    """
+    try:
+        return "skip" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def hidden(module_name: str, channels: int, options: dict) -> int | None:
+    """Bottleneck width of ``se``, ``gc`` and ``cbam``; None for modules without one."""
+    spec = _registry().get(module_name)
+    return spec.hidden(channels, resolve_options(module_name, options)) if spec.hidden else None
+
+
+def count_params(module_name: str, channels: int, options: dict) -> int:
+    """Parameters one module adds at a map of ``channels`` channels.
+
+    Built-ins: ``se`` ``2*C*hidden (+ hidden + C with bias)``; ``ese`` ``C*C + C``; ``eca``
+    ``k``; ``gc`` ``(C + 1) + 2*C*hidden + 3*hidden + C``; ``cbam`` ``2*C*hidden
+    (+ hidden + C with bias) + 2*k*k + 2``. A registered module is built on the meta device
+    and its parameters counted.
+
+    Example:
+        >>> [count_params(m, 256, {}) for m in ("se", "ese", "eca", "gc", "cbam")]
+        [8464, 65792, 5, 16993, 8292]
+    """
+    spec = _registry().get(module_name)
+    if spec.params is not None:  # a built-in (a registration under its name has no formulas)
+        return int(spec.params(channels, resolve_options(module_name, validate_options(module_name, options))))
+    module = create(module_name, channels, options, device="meta")
+    return sum(p.numel() for p in module.parameters())
+
+
+def weight_macs(module_name: str, channels: int, spatial: tuple[int, int], options: dict) -> int:
+    """The FC/conv/matmul part of :func:`count_macs`: what ``torch.utils.flop_counter`` sees (halved)."""
+    return _macs(module_name, channels, spatial, options)[0]
+
+
+def count_macs(module_name: str, channels: int, spatial: tuple[int, int], options: dict) -> int:
+    """MACs of one module at a ``channels x H x W`` map (formulas in this module's docstring).
+
+    Example:
+        >>> count_macs("se", 256, (56, 56), {})  # FCs 8,192 + squeeze 802,816 + scale 802,816
+        1613824
+        >>> count_macs("eca", 256, (56, 56), {})  # conv 5 * 256 + squeeze + scale
+        1606912
+    """
+    return sum(_macs(module_name, channels, spatial, options))
+
+
+def _macs(module_name: str, channels: int, spatial, options: dict) -> tuple[int, int]:
+    spec = _registry().get(module_name)
+    h, w = int(spatial[0]), int(spatial[1])
+    if spec.macs is not None:
+        weight, ops = spec.macs(channels, (h, w), resolve_options(module_name, validate_options(module_name, options)))
+        return int(weight), int(ops)
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = create(module_name, channels, options, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(torch.empty(1, channels, h, w, device="meta"))
+    return int(counter.get_total_flops()) // 2, channels * h * w
