@@ -342,8 +342,9 @@ def _cmd_check(args) -> int:
     from .rules import load_rules
 
     r = load_rules(args.rules)
-    print(f"{r.source}: valid, {len(r.rules)} rule(s); defaults: "
-          + ", ".join(f"{k}={v}" for k, v in r.defaults.to_dict().items()))
+    d = r.defaults.resolved()  # the options of the module the defaults insert, not every key they wrote
+    shown = {"variant": d.variant, **({"module": d.module} if d.module != "se" else {}), **d.module_options()}
+    print(f"{r.source}: valid, {len(r.rules)} rule(s); defaults: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     return 0
 
 

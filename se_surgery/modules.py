@@ -93,6 +93,12 @@ def _choice(options: tuple[str, ...]):
 RATIO_RANGE = (0.125, 4096)
 DIVISOR_RANGE = (1, 512)
 MIN_HIDDEN_RANGE = (1, 4096)
+# ECA's kernel is |log2(C) + beta| / gamma rounded to odd: these keep it under ~300 taps
+# (5e-324 overflowed to infinity); explicit kernels stay below sizes no layer uses.
+GAMMA_RANGE = (0.25, 64)
+BETA_RANGE = (-64, 64)
+KERNEL_SIZE_MAX = 255
+SPATIAL_KERNEL_SIZE_MAX = 31
 
 
 def _within(ok, lo, hi, what: str):
@@ -109,11 +115,12 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "gate": _choice(GATES),
     "bias": lambda v: None if isinstance(v, bool) else "true or false",
     "add_maxpool": lambda v: None if isinstance(v, bool) else "true or false",
-    "kernel_size": lambda v: None if v is None or (_is_int(v) and v >= 1 and v % 2) else
-    "an odd integer >= 1, or null (from the channel count)",
-    "spatial_kernel_size": lambda v: None if _is_int(v) and v >= 1 and v % 2 else "an odd integer >= 1",
-    "gamma": lambda v: None if _is_number(v) and v > 0 else "a number > 0",
-    "beta": lambda v: None if _is_number(v) else "a finite number",
+    "kernel_size": lambda v: None if v is None or (_is_int(v) and 1 <= v <= KERNEL_SIZE_MAX and v % 2) else
+    f"an odd integer from 1 to {KERNEL_SIZE_MAX}, or null (from the channel count)",
+    "spatial_kernel_size": lambda v: None if _is_int(v) and 1 <= v <= SPATIAL_KERNEL_SIZE_MAX and v % 2 else
+    f"an odd integer from 1 to {SPATIAL_KERNEL_SIZE_MAX}",
+    "gamma": _within(_is_number, *GAMMA_RANGE, "a number"),
+    "beta": _within(_is_number, *BETA_RANGE, "a number"),
     "fuse": _choice(("add", "scale")),
 }
 
@@ -386,7 +393,7 @@ def validate_options(module_name: str, options: dict) -> dict:
         >>> validate_options("eca", {"kernel_size": 4})
         Traceback (most recent call last):
         ...
-        se_surgery.errors.ModuleError: module 'eca': kernel_size must be an odd integer >= 1, or null (from the channel count), got 4
+        se_surgery.errors.ModuleError: module 'eca': kernel_size must be an odd integer from 1 to 255, or null (from the channel count), got 4
     """
     if not isinstance(options, dict):
         raise ModuleError(f"module {module_name!r}: options must be a dict, got {type(options).__name__}")

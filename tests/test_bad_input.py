@@ -25,7 +25,7 @@ from se_surgery import (AlreadyPatchedError, CheckpointError, MissingFileError, 
 from se_surgery.cli import load_weights, main
 from se_surgery.rules import OPTION_KEYS, RULE_KEYS, SELECT_KEYS, TOP_KEYS, Rules
 
-ALLOWED_VARIANTS = "standard, pre, post, identity"
+ALLOWED_VARIANTS = "standard, pre, post, identity, inner"
 
 
 def resnet18():
@@ -173,7 +173,7 @@ CASES = [
     ("unknown_gate", apply_rules({"rules": [{"select": {}, "gate": "relu"}]}), RuleError,
      r"rule 0, key 'gate': gate must be one of sigmoid, hard_sigmoid, got 'relu'$", resnet18),
     ("unknown_kind", apply_rules({"rules": [{"select": {"kind": "attention"}}]}), RuleError,
-     r"rule 0, key 'kind': kind must be one of residual, concat, got 'attention'$", resnet18),
+     r"rule 0, key 'kind': kind must be one of residual, branch_sum, concat, got 'attention'$", resnet18),
     ("stage_zero", apply_yaml("rules:\n  - select: {stage: 0}\n"), RuleError,
      r"rules\.yaml:2: rule 0, key 'stage': stage must be a non-zero integer or a list of them", resnet18),
     ("stage_float", apply_rules({"rules": [{"select": {"stage": [1, 2.5]}}]}), RuleError,
