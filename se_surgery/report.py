@@ -14,7 +14,6 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 
-import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 

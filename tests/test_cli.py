@@ -70,7 +70,8 @@ def test_weights_file(tmp_path, capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "se_surgery.cli", "check", "inception"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "se_surgery.cli", "check", "inception"], capture_output=True, text=True,
+                         check=False)
     assert out.returncode == 0 and out.stdout.startswith("preset inception: valid")
 
 
