@@ -1,23 +1,35 @@
-"""Command line: ``se-surgery sites|plan|report|check``.
+"""Command line: ``se-surgery sites|plan|report|check|presets``.
 
 Only this module looks models up by name. Every expected failure (bad model name,
-missing file, invalid rules) prints one line to stderr and exits with code 2.
+missing or unreadable file, invalid rules, an output that cannot be written) prints one
+line to stderr and exits with code 2; Ctrl-C exits with 130 and one line; a closed pipe
+(``| head``) ends quietly with 141, as ``cat`` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError, MissingFileError, SESurgeryError, UnknownModelError
 
-__all__ = ["main", "build_model", "load_weights"]
+if TYPE_CHECKING:  # torch is imported when a command runs, under main's Ctrl-C handler
+    from torch import nn
+
+__all__ = ["build_model", "load_weights", "main", "parser"]
+
+# Exit codes: what shells and CI scripts test.
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
+# Bounds of the numeric options, so that a typo fails in one line instead of asking
+# torch for a 10^10-pixel tensor or a classifier of a billion rows.
+MAX_SIDE, MAX_CHANNELS, MAX_CLASSES = 8192, 1024, 100_000
 
 
 def _tv_names() -> list[str]:
@@ -34,15 +46,20 @@ def _timm_names() -> list[str]:
     return list(timm.list_models())
 
 
-def build_model(spec: str) -> nn.Module:
+def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
     """Build a model by name without weights: ``resnet50``, ``tv:resnet50``, ``timm:convnext_tiny``.
 
-    A bare name tries torchvision first, then timm.
+    A bare name tries torchvision first, then timm. ``num_classes`` sizes the classifier
+    (default: the library's, 1000 for ImageNet models), so that a fine-tuned
+    checkpoint's head fits.
 
     Example:
         >>> type(build_model("tv:resnet18")).__name__
         'ResNet'
+        >>> build_model("resnet18", num_classes=10).fc.out_features
+        10
     """
+    extra: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     source, _, name = spec.partition(":") if ":" in spec else ("", "", spec)
     if source not in ("", "tv", "timm"):
         raise UnknownModelError(f"unknown model source {source!r} in {spec!r}; use tv:NAME or timm:NAME")
@@ -52,14 +69,14 @@ def build_model(spec: str) -> nn.Module:
         if name in _tv_names():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # inception/googlenet init notices
-                return torchvision.models.get_model(name, weights=None)
+                return torchvision.models.get_model(name, weights=None, **extra)
     if source in ("", "timm"):
         try:
             import timm
         except ImportError:
-            timm = None
+            timm = None  # type: ignore[assignment]
         if timm is not None and name in timm.list_models():
-            return timm.create_model(name, pretrained=False)
+            return timm.create_model(name, pretrained=False, **extra)
         if timm is None and source == "timm":
             raise UnknownModelError("timm is not installed; pip install 'se-surgery[timm]'")
     pool = (_tv_names() if source != "timm" else []) + (_timm_names() if source != "tv" else [])
@@ -69,13 +86,30 @@ def build_model(spec: str) -> nn.Module:
     raise UnknownModelError(f"unknown model {name!r} in {where}{hint}")
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    """Load a local checkpoint: safetensors, or a ``torch.load`` file with ``weights_only=True``."""
+def load_weights(model: nn.Module, path: str, *, hint: str = "") -> None:
+    """Load a local checkpoint: safetensors, or a ``torch.load`` file with ``weights_only=True``.
+
+    Everything is checked before a tensor is copied; ``hint`` is appended to a shape
+    mismatch (the CLI names ``--num-classes`` there).
+
+    Example:
+        >>> import tempfile, torch, torchvision
+        >>> m = torchvision.models.resnet18()
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     torch.save(m.state_dict(), f"{d}/r18.pt")
+        ...     load_weights(torchvision.models.resnet18(), f"{d}/r18.pt")
+    """
     import torch
 
     p = Path(path)
-    if not p.is_file():
-        raise MissingFileError(f"weights file {path!r} not found")
+    try:
+        found, folder = p.is_file(), p.is_dir()
+    except OSError as e:  # a name longer than the file system allows
+        raise MissingFileError(f"weights file {_short(path)!r} cannot be read: {e.strerror or e}") from None
+    if folder:
+        raise MissingFileError(f"weights file {_short(path)!r} is a directory; give a .safetensors or torch.save file")
+    if not found:
+        raise MissingFileError(f"weights file {_short(path)!r} not found")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -85,7 +119,7 @@ def load_weights(model: nn.Module, path: str) -> None:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any loader failure means the file is not a usable checkpoint
         raise CheckpointError(f"cannot load weights from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     # Check everything before copying: load_state_dict copies the tensors that fit before
     # it raises for the ones that do not, which would leave the model half loaded.
@@ -102,14 +136,19 @@ def load_weights(model: nn.Module, path: str) -> None:
     for k, v in own.items():
         if state[k].shape != v.shape:
             raise CheckpointError(f"cannot load weights from {path}: {k} has shape {tuple(state[k].shape)}, "
-                                  f"{type(model).__name__} needs {tuple(v.shape)}")
+                                  f"{type(model).__name__} needs {tuple(v.shape)}{hint}")
     model.load_state_dict(state)
 
 
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 def _model(args) -> nn.Module:
-    model = build_model(args.model)
-    if getattr(args, "weights", None):
-        load_weights(model, args.weights)
+    model = build_model(args.model, args.num_classes)
+    if args.weights:
+        hint = "" if args.num_classes else " (a checkpoint with its own classifier needs --num-classes N)"
+        load_weights(model, args.weights, hint=hint)
     return model
 
 
@@ -143,34 +182,61 @@ def _cmd_sites(args) -> int:
     return 0
 
 
+def _plan_text(p) -> str:
+    """The plan's table, with the channels SE scales: for ``pre`` the block input's, as
+    ``report`` counts them (``Plan.rows`` gives the join's)."""
+    from tabulate import tabulate
+
+    rows = p.rows()
+    for row, e in zip(rows, p.entries):
+        if e.selected:
+            row["channels"] = e.se_channels
+    head = f"{p.model} at {'x'.join(map(str, p.input_size))}, rules {p.rules.source}: " \
+           f"SE at {len(p.selected)} of {len(p.entries)} sites"
+    parts = [head, tabulate(rows, headers="keys")]
+    parts += [f"not traced: {m}: {r}" for m, r in p.untraced]
+    parts += [f"warning: {w}" for w in p.warnings]
+    return "\n".join(parts)
+
+
 def _cmd_plan(args) -> int:
     from .plan import plan
+    from .rules import load_rules
 
+    rules = load_rules(args.rules)  # a bad rules file fails before the model is built
     model = _model(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        p = plan(model, args.rules, input_size=args.input_size, strict=args.strict)
+        p = plan(model, rules, input_size=args.input_size, strict=args.strict)
     del caught  # the plan lists its own warnings
-    print(json.dumps(p.to_dict(), indent=2) if args.format == "json" else p)
+    print(json.dumps(p.to_dict(), indent=2) if args.format == "json" else _plan_text(p))
     return 0
 
 
 def _cmd_report(args) -> int:
     from .report import report
+    from .rules import load_rules
 
+    # Everything that can be checked without the model is checked first, so that a typo
+    # fails at once rather than after the model is built and counted.
+    if args.plot:
+        _check_plot_path(args.plot)
+    rules_list = [load_rules(r) for r in args.rules or ["all_stages"]]
     model = _model(args)
-    rules_list = args.rules or ["all_stages"]
-    reports = []
+    reports, said = [], []
     for r in rules_list:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             reports.append(report(model, r, input_size=args.input_size))
+        said += [str(w.message) for w in caught if str(w.message) not in said]
+    for msg in said:  # on stderr, so that --format json|csv output stays parseable
+        print(f"se-surgery: warning: {msg}", file=sys.stderr)
     if len(reports) == 1:
         print(reports[0].render(args.format))
     else:
         print(_compare(reports, args.format))
     if args.plot:
-        _plot(reports, args.plot)
+        _plot(reports, args.plot, args.model)
     return 0
 
 
@@ -212,7 +278,7 @@ def _compare(reports, fmt: str) -> str:
     return f"{head}\n\n{table}\n\n{FOOTER}"
 
 
-def _plot(reports, path: str) -> None:
+def _pyplot():
     try:
         import matplotlib
 
@@ -220,19 +286,55 @@ def _plot(reports, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SESurgeryError("--plot needs matplotlib: pip install 'se-surgery[plot]'") from None
+    return plt
+
+
+def _check_plot_path(path: str) -> None:
+    """Refuse a plot file that cannot be written, before any model is built."""
+    _pyplot()
+    from matplotlib.figure import Figure
+
+    kinds = sorted(Figure().canvas.get_supported_filetypes())
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in kinds:
+        raise SESurgeryError(f"--plot {_short(path)!r}: the file name must end in one of "
+                             f".{', .'.join(kinds)} (it picks the image format)")
+    try:
+        target, folder = Path(path), Path(path).parent
+        if target.is_dir():
+            raise SESurgeryError(f"--plot {_short(path)!r} is a directory; give a file name such as stages.png")
+        if not folder.is_dir():
+            raise SESurgeryError(f"--plot {_short(path)!r}: folder {_short(str(folder))!r} does not exist")
+        if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+            raise SESurgeryError(f"--plot {_short(path)!r}: no permission to write there")
+    except OSError as e:
+        raise SESurgeryError(f"--plot {_short(path)!r}: {e.strerror or e}") from None
+
+
+def _plot(reports, path: str, title: str) -> None:
+    plt = _pyplot()
+    stages = sorted({s["stage"] for r in reports for s in r.stages()})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.8 / len(reports)
     for i, r in enumerate(reports):
-        st = r.stages()
-        xs = [s["stage"] + i * width for s in st]
-        axes[0].bar(xs, [s["params"] / 1e6 for s in st], width, label=r.rules)
-        axes[1].bar(xs, [s["macs"] / 1e6 for s in st], width, label=r.rules)
-    axes[0].set(title="added parameters per stage", xlabel="stage", ylabel="M params")
-    axes[1].set(title="added MACs per stage", xlabel="stage", ylabel="M MACs")
+        by_stage = {s["stage"]: s for s in r.stages()}
+        offset = (i - (len(reports) - 1) / 2) * width  # the group of bars is centred on its stage
+        xs = [st + offset for st in stages]
+        for ax, key, scale in ((axes[0], "params", 1e6), (axes[1], "macs", 1e6)):
+            ax.bar(xs, [by_stage[st][key] / scale if st in by_stage else 0 for st in stages], width, label=r.rules)
+    for ax, what, unit in ((axes[0], "parameters", "M params"), (axes[1], "MACs", "M MACs")):
+        ax.set(title=f"added {what} per stage", xlabel="stage", ylabel=unit)
+        ax.set_xticks(stages)
     axes[0].legend()
-    fig.suptitle(f"{reports[0].model}: what SE adds")
+    size = "x".join(map(str, reports[0].input_size))
+    fig.suptitle(f"{title} ({reports[0].model}, {size}): what SE adds")
     fig.tight_layout()
-    fig.savefig(path)
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        raise SESurgeryError(f"--plot {_short(path)!r}: cannot write it: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     print(f"plot written to {path}", file=sys.stderr)
 
 
@@ -240,17 +342,64 @@ def _cmd_check(args) -> int:
     from .rules import load_rules
 
     r = load_rules(args.rules)
-    print(f"{r.source}: valid, {len(r.rules)} rule(s); defaults: "
-          + ", ".join(f"{k}={v}" for k, v in r.defaults.to_dict().items()))
+    d = r.defaults.resolved()  # the options of the module the defaults insert, not every key they wrote
+    shown = {"variant": d.variant, **({"module": d.module} if d.module != "se" else {}), **d.module_options()}
+    print(f"{r.source}: valid, {len(r.rules)} rule(s); defaults: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    return 0
+
+
+def _cmd_presets(args) -> int:
+    from .rules import preset_summaries
+
+    summaries = preset_summaries()
+    width = max(map(len, summaries))
+    for name, line in summaries.items():
+        print(f"{name:<{width}}  {line}")
     return 0
 
 
 def _size(text: str):
+    """``--input-size``: N, HxW or CxHxW, each within bounds a model can be traced at."""
     try:
-        parts = [int(p) for p in text.replace("x", ",").split(",")]
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N, HxW or CxHxW, got {text!r}") from None
+        parts = []
+    if not 1 <= len(parts) <= 3 or any(p < 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected N, HxW or CxHxW with positive integers, got {_short(text)!r}")
+    sides, channels = parts[-2:] if len(parts) > 1 else parts, parts[0] if len(parts) == 3 else 3
+    if max(sides) > MAX_SIDE or channels > MAX_CHANNELS:
+        raise argparse.ArgumentTypeError(f"{_short(text)!r} is too large: height and width go up to {MAX_SIDE}, "
+                                         f"channels up to {MAX_CHANNELS}")
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _classes(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_CLASSES:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_CLASSES:,}, got {_short(text)!r}")
+    return n
+
+
+class _Help(argparse.HelpFormatter):
+    """Wraps prose, keeps the examples' line breaks, shows each option's default."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" if line else "" for line in lines)
 
 
 # ---------------------------------------------------------------- sweep (issue 13)
@@ -316,7 +465,13 @@ def _add_sweep_parser(sub) -> None:
                        description="The paper's placement studies on your model and data: every --rules x --variant "
                                    "x --ratio x --module x seed is applied, fine-tuned and evaluated, plus one "
                                    "baseline without SE per seed. One JSON line per trial goes to --out as it "
-                                   "finishes; re-running the same command skips finished trials.")
+                                   "finishes; re-running the same command skips finished trials.",
+                       formatter_class=_Help,
+                       epilog=_examples(
+                           "se-surgery sweep timm:test_resnet --data digits --weights base.safetensors "
+                           "--rules all_stages --rules late_stages --variant standard --variant pre --seeds 2",
+                           "se-surgery sweep tv:resnet50 --pretrained --data ~/data/flowers --ratio 8 --ratio 16 "
+                           "--freeze-base --out flowers.jsonl --plot pareto.png", "", "See docs/sweep.md."))
     p.add_argument("model", help="torchvision or timm model name; tv:NAME / timm:NAME forces the source")
     p.add_argument("--data", required=True, help="'digits' (offline, scikit-learn) or an ImageFolder directory")
     w = p.add_mutually_exclusive_group()
@@ -328,13 +483,13 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--ratio", action="append", type=float, metavar="R", help="override every rule's ratio; repeatable")
     p.add_argument("--module", action="append", metavar="M", help="override every rule's module; repeatable")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per setting (default 1)")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1, help="training epochs per trial")
     p.add_argument("--max-steps", type=int, default=None, help="stop each trial after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the base model")
     p.add_argument("--se-lr", type=float, default=1e-2, help="learning rate of the SE modules")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     p.add_argument("--freeze-base", action="store_true", help="train only the SE modules (the baseline then "
                                                                 "is the base model as loaded)")
     p.add_argument("--input-size", type=int, default=None, metavar="N",
@@ -352,54 +507,162 @@ def _add_sweep_parser(sub) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="se-surgery", description="Add Squeeze-and-Excitation to existing models.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    """The ``se-surgery`` argument parser (one sub-parser per command).
 
-    def model_args(p, weights=True):
-        p.add_argument("model", help="torchvision or timm model name; tv:NAME / timm:NAME forces the source")
-        p.add_argument("--input-size", type=_size, default=None, help="N, HxW or CxHxW (default: model's or 224)")
-        if weights:
-            p.add_argument("--weights", help="local checkpoint: .safetensors or a torch.load file (weights_only)")
+    Example:
+        >>> parser().parse_args(["check", "late_stages"]).rules
+        'late_stages'
+    """
+    from . import __version__
 
-    p = sub.add_parser("sites", help="list the sites where SE can go")
+    ap = argparse.ArgumentParser(
+        prog="se-surgery", formatter_class=_Help,
+        description="Add Squeeze-and-Excitation to existing torchvision and timm models: find where it can go, "
+                    "plan it from YAML rules, and report what it adds.",
+        epilog=_examples("se-surgery sites resnet50", "se-surgery plan resnet50 --rules late_stages",
+                         "se-surgery report resnet50 --rules all_stages --rules no_last_stage",
+                         "se-surgery check my_rules.yaml", "se-surgery presets",
+                         "", "Run 'se-surgery COMMAND --help' for a command's options. Exit codes: 0 ok, 2 bad "
+                         "input, 130 interrupted.") + "\n")
+    ap.add_argument("--version", action="version", version=f"se-surgery {__version__}",
+                    help="print the version and exit")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_args(p):
+        p.add_argument("model", help="torchvision or timm model name, built without weights; tv:NAME / timm:NAME "
+                                     "forces the source (a bare name tries torchvision first)")
+        p.add_argument("--input-size", type=_size, default=None, metavar="SIZE",
+                       help=f"example input: N (square), HxW or CxHxW, sides up to {MAX_SIDE}; shapes are computed "
+                            "on fake tensors, so size costs nothing (default: the model's own, else 224)")
+        p.add_argument("--weights", metavar="FILE",
+                       help="load a local checkpoint first: .safetensors, or a torch.load file (weights_only=True)")
+        p.add_argument("--num-classes", type=_classes, default=None, metavar="N",
+                       help="build the classifier with N classes, as in a fine-tuned --weights file "
+                            "(default: the library's, 1000 for ImageNet models)")
+
+    p = sub.add_parser(
+        "sites", help="list the sites where SE can go", formatter_class=_Help,
+        description="List every residual join and outer channel concatenation of MODEL, with its stage, block, "
+                    "channels and spatial size at the example input size.",
+        epilog=_examples("se-surgery sites resnet50", "se-surgery sites timm:convnext_tiny --input-size 160",
+                         "se-surgery sites inception_v3 --format json > sites.json", "se-surgery sites resnet18 -v"))
     model_args(p)
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     p.add_argument("-v", "--verbose", action="store_true", help="also list 4-D adds that are not sites, and why")
     p.set_defaults(fn=_cmd_sites)
 
-    p = sub.add_parser("plan", help="dry run: which site gets SE with which options")
+    p = sub.add_parser(
+        "plan", help="dry run: which site gets SE with which options", formatter_class=_Help,
+        description="Match RULES against the sites of MODEL without changing anything: for each site, whether it "
+                    "gets SE, the variant, ratio, hidden width, the channels SE scales and the rule that decided.",
+        epilog=_examples("se-surgery plan resnet50", "se-surgery plan resnet50 --rules late_stages",
+                         "se-surgery plan resnet18 --rules my_rules.yaml --strict --format json"))
     model_args(p)
-    p.add_argument("--rules", default=None, help="rules file or preset name (default all_stages)")
-    p.add_argument("--strict", action="store_true")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--rules", default=None, metavar="RULES",
+                   help="rules file or preset name ('se-surgery presets' lists them) (default: all_stages)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail, instead of warning, on a rule that selects no site or a module that cannot be traced")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     p.set_defaults(fn=_cmd_plan)
 
-    p = sub.add_parser("report", help="parameters and MACs SE adds; several --rules compare")
+    p = sub.add_parser(
+        "report", help="parameters and MACs SE adds; several --rules compare", formatter_class=_Help,
+        description="Parameters and multiply-accumulates (MACs) that SE adds to MODEL under RULES, per site, per "
+                    "stage and in total, computed without running real compute. Warnings go to stderr.",
+        epilog=_examples("se-surgery report resnet50",
+                         "se-surgery report resnet50 --rules all_stages --rules late_stages --rules no_last_stage",
+                         "se-surgery report resnet50 --format csv > se.csv",
+                         "se-surgery report resnet50 --rules all_stages --rules late_stages --plot stages.png"))
     model_args(p)
-    p.add_argument("--rules", action="append", help="rules file or preset; repeat to compare (default all_stages)")
-    p.add_argument("--format", choices=("table", "markdown", "json", "csv"), default="table")
-    p.add_argument("--plot", metavar="FILE.png", help="bar chart of added params and MACs per stage")
+    p.add_argument("--rules", action="append", metavar="RULES",
+                   help="rules file or preset; repeat to compare placements side by side (default: all_stages)")
+    p.add_argument("--format", choices=("table", "markdown", "json", "csv"), default="table",
+                   help="output format; csv has a 'row' column: 'site' rows, then 'added' and 'base' totals")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also draw added params and MACs per stage (format from the suffix: png, svg, pdf, ...; "
+                        "needs matplotlib)")
     p.set_defaults(fn=_cmd_report)
 
-    p = sub.add_parser("check", help="validate a rules file without a model")
-    p.add_argument("rules")
+    p = sub.add_parser(
+        "check", help="validate a rules file without a model", formatter_class=_Help,
+        description="Read and validate RULES (syntax, keys, types and value ranges) without building a model; "
+                    "prints the resolved defaults.",
+        epilog=_examples("se-surgery check my_rules.yaml", "se-surgery check late_stages"))
+    p.add_argument("rules", metavar="RULES", help="rules file or preset name")
     p.set_defaults(fn=_cmd_check)
+
+    p = sub.add_parser(
+        "presets", help="list the shipped rule presets, one line each", formatter_class=_Help,
+        description="List the rule presets shipped with se-surgery; pass a name to --rules or 'check'.",
+        epilog=_examples("se-surgery presets", "se-surgery plan resnet50 --rules no_last_stage"))
+    p.set_defaults(fn=_cmd_presets)
 
     _add_sweep_parser(sub)
     return ap
 
 
-def main(argv=None) -> int:
-    """Entry point of the ``se-surgery`` command."""
-    args = parser().parse_args(argv)
+def _error(message: str) -> None:
+    print(f"se-surgery: {message}", file=sys.stderr)
+
+
+def _silence_stdout() -> None:
+    # Whatever is still buffered would fail again when Python flushes stdout at exit and
+    # print "Exception ignored ..."; point the descriptor at /dev/null instead.
     try:
-        return args.fn(args)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced (pytest's capture) or already closed
+        pass
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``se-surgery`` command; returns the exit code.
+
+    Example:
+        >>> main(["check", "late_stages"])
+        preset late_stages: valid, 1 rule(s); defaults: variant=standard, ratio=16, divisor=1, min_hidden=1, init=identity, squeeze=avg, gate=sigmoid, bias=True
+        0
+    """
+    try:
+        try:
+            args = parser().parse_args(argv)
+        except SystemExit as e:  # --help, --version, or a usage error argparse has printed
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
+        if sys.stdout is None:  # started with stdout closed (`se-surgery ... >&-`)
+            _error("error: standard output is closed; redirect it to a file or /dev/null")
+            return EXIT_USAGE
+        code = args.fn(args)
+        sys.stdout.flush()  # a write error must surface here, not at interpreter exit
+        return code
     except SESurgeryError as e:
-        print(f"se-surgery: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        print(f"se-surgery: error: {e}", file=sys.stderr)
-        return 2
+        _error(f"error: {e}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            _silence_stdout()
+            return EXIT_BROKEN_PIPE
+        if e.errno == errno.ENOSPC or getattr(e, "filename", None) is None:
+            _silence_stdout()
+            _error(f"error: cannot write the output: {e.strerror or e}")
+        else:
+            _error(f"error: {_short(str(e.filename), 120)}: {e.strerror or e}")
+        return EXIT_USAGE
+    except RecursionError:
+        _error("error: the input is nested too deeply to process (Python's recursion limit)")
+        return EXIT_USAGE
+    except Exception as e:
+        # A bug, not a bad input: still one line, but its own code, and the traceback on request.
+        if os.environ.get("SE_SURGERY_TRACEBACK"):
+            raise
+        _error(f"internal error: {type(e).__name__}: {_short(' '.join(str(e).split()), 200)} (a bug: rerun with "
+               "SE_SURGERY_TRACEBACK=1 and report the traceback)")
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -85,21 +85,42 @@ def _choice(options: tuple[str, ...]):
     return lambda v: None if v in options else f"one of {', '.join(options)}"
 
 
+# Bounds of the bottleneck options. Anything outside asks for a layer nobody means to
+# build (a ratio of 5e-324 is a hidden width of 1e325), so `se-surgery check` refuses it
+# before a model is built rather than letting `plan` overflow. Below ratio 1/8 hidden
+# exceeds 8x the channels; above 4096 (more than any CNN's channel count) every site gets
+# min_hidden.
+RATIO_RANGE = (0.125, 4096)
+DIVISOR_RANGE = (1, 512)
+MIN_HIDDEN_RANGE = (1, 4096)
+# ECA's kernel is |log2(C) + beta| / gamma rounded to odd: these keep it under ~300 taps
+# (5e-324 overflowed to infinity); explicit kernels stay below sizes no layer uses.
+GAMMA_RANGE = (0.25, 64)
+BETA_RANGE = (-64, 64)
+KERNEL_SIZE_MAX = 255
+SPATIAL_KERNEL_SIZE_MAX = 31
+
+
+def _within(ok, lo, hi, what: str):
+    return lambda v: None if ok(v) and lo <= v <= hi else f"{what} from {lo} to {hi}"
+
+
 # key -> check returning None (valid) or what is allowed; messages match the rules' own.
 _CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "ratio": lambda v: None if _is_number(v) and v > 0 else "a number > 0",
-    "divisor": lambda v: None if _is_int(v) and v >= 1 else "an integer >= 1",
-    "min_hidden": lambda v: None if _is_int(v) and v >= 1 else "an integer >= 1",
+    "ratio": _within(_is_number, *RATIO_RANGE, "a number"),
+    "divisor": _within(_is_int, *DIVISOR_RANGE, "an integer"),
+    "min_hidden": _within(_is_int, *MIN_HIDDEN_RANGE, "an integer"),
     "init": _choice(INITS),
     "squeeze": _choice(SQUEEZES),
     "gate": _choice(GATES),
     "bias": lambda v: None if isinstance(v, bool) else "true or false",
     "add_maxpool": lambda v: None if isinstance(v, bool) else "true or false",
-    "kernel_size": lambda v: None if v is None or (_is_int(v) and v >= 1 and v % 2) else
-    "an odd integer >= 1, or null (from the channel count)",
-    "spatial_kernel_size": lambda v: None if _is_int(v) and v >= 1 and v % 2 else "an odd integer >= 1",
-    "gamma": lambda v: None if _is_number(v) and v > 0 else "a number > 0",
-    "beta": lambda v: None if _is_number(v) else "a finite number",
+    "kernel_size": lambda v: None if v is None or (_is_int(v) and 1 <= v <= KERNEL_SIZE_MAX and v % 2) else
+    f"an odd integer from 1 to {KERNEL_SIZE_MAX}, or null (from the channel count)",
+    "spatial_kernel_size": lambda v: None if _is_int(v) and 1 <= v <= SPATIAL_KERNEL_SIZE_MAX and v % 2 else
+    f"an odd integer from 1 to {SPATIAL_KERNEL_SIZE_MAX}",
+    "gamma": _within(_is_number, *GAMMA_RANGE, "a number"),
+    "beta": _within(_is_number, *BETA_RANGE, "a number"),
     "fuse": _choice(("add", "scale")),
 }
 
@@ -347,11 +368,17 @@ def accepts(module_name: str, key: str) -> bool:
 
 
 def check_option(module_name: str, key: str, value) -> str | None:
-    """Why ``value`` is not valid for ``key`` (``"ratio must be a number > 0, got -1"``), or None."""
+    """Why ``value`` is not valid for ``key`` (``"ratio must be a number from 0.125 to 4096, got -1"``), or None."""
     spec = _registry().get(module_name)
     check = _CHECKS.get(key) if spec.builtin else None
     allowed = check(value) if check else None
-    return f"{key} must be {allowed}, got {value!r}" if allowed else None
+    if not allowed:
+        return None
+    try:  # an int of 5,000 digits has no repr under Python's default limit
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    except ValueError:
+        shown = f"an {type(value).__name__} too large to print"
+    return f"{key} must be {allowed}, got {shown}"
 
 
 def validate_options(module_name: str, options: dict) -> dict:
@@ -366,7 +393,7 @@ def validate_options(module_name: str, options: dict) -> dict:
         >>> validate_options("eca", {"kernel_size": 4})
         Traceback (most recent call last):
         ...
-        se_surgery.errors.ModuleError: module 'eca': kernel_size must be an odd integer >= 1, or null (from the channel count), got 4
+        se_surgery.errors.ModuleError: module 'eca': kernel_size must be an odd integer from 1 to 255, or null (from the channel count), got 4
     """
     if not isinstance(options, dict):
         raise ModuleError(f"module {module_name!r}: options must be a dict, got {type(options).__name__}")

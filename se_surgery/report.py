@@ -14,7 +14,6 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 
-import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -25,7 +24,7 @@ from .plan import Plan, is_patched, plan, se_modules
 from .sites import resolve_input_size
 from .trace import short_error
 
-__all__ = ["Report", "SiteRow", "report", "se_macs", "se_params", "FOOTER", "FORMATS"]
+__all__ = ["CSV_COLUMNS", "FOOTER", "FORMATS", "Report", "SiteRow", "report", "se_macs", "se_params"]
 
 FOOTER = (
     "MACs = multiply-accumulates per image (the paper's GFLOPs): base from torch.utils.flop_counter / 2; "
@@ -33,6 +32,9 @@ FOOTER = (
     "1 op per element per pool and per scale (docs/modules.md)."
 )
 FORMATS = ("table", "markdown", "json", "csv")
+# CSV: 'row' is "site" for each SE module, then "added" (the sum of the site rows) and
+# "base" (the model without SE); totals leave the per-site columns empty.
+CSV_COLUMNS = ("row", "name", "kind", "stage", "variant", "channels", "hidden", "params", "macs")
 
 
 def se_params(channels: int, hidden: int, bias: bool = True) -> int:
@@ -130,21 +132,30 @@ class Report:
     def render(self, fmt: str = "table") -> str:
         """The report as ``table``, ``markdown``, ``json`` or ``csv`` text.
 
+        CSV has one header and a ``row`` column: ``site`` rows, then the ``added`` and
+        ``base`` totals.
+
         Example:
-            >>> r = Report("Net", (3, 32, 32), 1000, 100, 5000, 50, [SiteRow("a", "residual", 1, "standard", 8, 1, 25, 10)])
-            >>> print(r.render("csv").splitlines()[1])
-            a,residual,1,standard,8,1,25,10
+            >>> r = Report("Net", (3, 32, 32), 1000, 25, 5000, 10, [SiteRow("a", "residual", 1, "standard", 8, 1, 25, 10)])
+            >>> print(r.render("csv"))
+            row,name,kind,stage,variant,channels,hidden,params,macs
+            site,a,residual,1,standard,8,1,25,10
+            added,,,,,,,25,10
+            base,,,,,,,1000,5000
+            <BLANKLINE>
         """
         if fmt == "json":
             return json.dumps(self.to_dict(), indent=2)
         if fmt == "csv":
+            # One table a spreadsheet can filter: the first column says what a row is, so
+            # that summing the params column over the 'site' rows gives the 'added' row.
             buf = io.StringIO()
             w = csv.writer(buf, lineterminator="\n")
-            w.writerow(["name", "kind", "stage", "variant", "channels", "hidden", "params", "macs"])
+            w.writerow(CSV_COLUMNS)
             for r in self.sites:
-                w.writerow([r.name, r.kind, r.stage, r.variant, r.channels, r.hidden, r.params, r.macs])
-            w.writerow(["TOTAL", "", "", "", "", "", self.added_params, self.added_macs])
-            w.writerow(["BASE", "", "", "", "", "", self.base_params, self.base_macs])
+                w.writerow(["site", r.name, r.kind, r.stage, r.variant, r.channels, r.hidden, r.params, r.macs])
+            w.writerow(["added", "", "", "", "", "", "", self.added_params, self.added_macs])
+            w.writerow(["base", "", "", "", "", "", "", self.base_params, self.base_macs])
             return buf.getvalue()
         if fmt not in ("table", "markdown"):
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -183,7 +194,7 @@ def _count(model: nn.Module, size: tuple[int, int, int], watch=()) -> tuple[int,
     return int(counter.get_total_flops()) // 2, seen
 
 
-def report(model: nn.Module, rules=None, *, input_size=None, tracer_kwargs=None) -> "Report":
+def report(model: nn.Module, rules=None, *, input_size=None, tracer_kwargs=None) -> Report:
     """What SE adds to ``model``, in parameters and MACs, per site and in total.
 
     For a model patched by :func:`se_surgery.apply`, describes its SE modules (``rules``

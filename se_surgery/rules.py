@@ -26,26 +26,48 @@ plan time (an error with ``strict``).
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import errno
 import fnmatch
 import importlib.resources
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
 from . import modules
 from .errors import MissingFileError, ModuleError, RuleError
+from .modules import DIVISOR_RANGE, MIN_HIDDEN_RANGE, RATIO_RANGE
 
-__all__ = ["SEOptions", "Selector", "Rule", "Rules", "load_rules", "preset_names", "VARIANTS", "KINDS"]
+__all__ = [
+    "DIVISOR_RANGE",
+    "KINDS",
+    "MIN_HIDDEN_RANGE",
+    "RATIO_RANGE",
+    "VARIANTS",
+    "Rule",
+    "Rules",
+    "SEOptions",
+    "Selector",
+    "load_rules",
+    "preset_names",
+    "preset_summaries",
+]
 
 VARIANTS = ("standard", "pre", "post", "identity", "inner")
 KINDS = ("residual", "branch_sum", "concat")
 VARIANTS_BY_KIND = {"residual": VARIANTS, "branch_sum": ("standard",), "concat": ("standard",)}
 TOP_KEYS = ("defaults", "rules")
+
+# A rules file is a few lines; these caps keep a hostile or mistaken file from
+# exhausting the parser (PyYAML's composer recurses once per nesting level).
+MAX_RULES_BYTES = 1 << 20
+MAX_NESTING = 64
 
 
 @dataclass(frozen=True)
@@ -53,9 +75,9 @@ class SEOptions:
     """Options of one inserted SE module (the ``defaults`` block and rule overrides)."""
 
     variant: str = "standard"  # standard | pre | post | identity | inner
-    ratio: float = 16  # reduction ratio r: hidden = channels / ratio
-    divisor: int = 1  # round hidden to a multiple of this (timm uses 8)
-    min_hidden: int = 1  # lower bound on hidden before rounding
+    ratio: float = 16  # reduction ratio r: hidden = channels / ratio; RATIO_RANGE
+    divisor: int = 1  # round hidden to a multiple of this (timm uses 8); DIVISOR_RANGE
+    min_hidden: int = 1  # lower bound on hidden before rounding; MIN_HIDDEN_RANGE
     init: str = "identity"  # identity (exact identity at insertion) | paper
     squeeze: str = "avg"  # avg | max | avgmax
     gate: str = "sigmoid"  # sigmoid | hard_sigmoid
@@ -160,9 +182,7 @@ class Selector:
             return False
         if self.max_channels is not None and site.channels > self.max_channels:
             return False
-        if self.has_attention is not None and site.has_attention != self.has_attention:
-            return False
-        return True
+        return self.has_attention is None or site.has_attention == self.has_attention
 
     def to_dict(self) -> dict:
         out = {}
@@ -255,17 +275,77 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
 
 
+def preset_summaries() -> dict[str, str]:
+    """One line per shipped preset: the first comment line of its YAML, after ``name:``.
+
+    Example:
+        >>> preset_summaries()["all_stages"]
+        "SE on every residual join (the paper's SE-ResNet, ~10 % more parameters)"
+    """
+    out = {}
+    for name in preset_names():
+        first = (_preset_dir() / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[0]
+        out[name] = first.lstrip("# ").removeprefix(f"{name}:").strip()
+    return out
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def _show(value) -> str:
+    """``repr`` for an error message, cut to one readable line (an int of 5,000 digits
+    cannot even be turned into text under Python's default limit)."""
+    try:
+        return _short(repr(value))
+    except ValueError:
+        return f"an {type(value).__name__} too large to print"
+
+
+def _decode(data: bytes, name: str) -> str:
+    """Rules text from file bytes: UTF-8, or UTF-16/32 with a byte-order mark (YAML allows them)."""
+    for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                          (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                          (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            break
+    else:
+        encoding = "utf-8"
+    if encoding == "utf-8" and b"\0" in data:
+        raise RuleError(f"{name}: not UTF-8 text (it holds NUL bytes: UTF-16 or UTF-32 without a byte-order mark?); "
+                        "save the rules file as UTF-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise RuleError(f"{name}:{line}: not {encoding.upper().replace('-SIG', '')} text (byte 0x{data[e.start]:02x} "
+                        f"at offset {e.start}); save the rules file as UTF-8") from None
+
+
 def _read_source(source: str | os.PathLike) -> tuple[str, str]:
     """(text, display name) of a rules path or preset name."""
     path = Path(source)
-    if path.is_file():
-        return path.read_text(encoding="utf-8"), str(path)
+    shown = _short(str(source))
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+        data = path.read_bytes() if is_file and path.stat().st_size <= MAX_RULES_BYTES else None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise MissingFileError(f"rules file {shown!r} ({len(str(source))} characters) cannot exist: the name is "
+                                   "too long for the file system") from None
+        raise MissingFileError(f"cannot read rules file {shown!r}: {e.strerror or e}") from None
+    if is_dir:
+        raise MissingFileError(f"rules file {shown!r} is a directory; give a YAML file or a preset name")
+    if is_file:
+        if data is None:
+            raise RuleError(f"{shown}: a rules file may have at most {MAX_RULES_BYTES:,} bytes")
+        return _decode(data, str(path)), str(path)
     stem = path.name[:-5] if path.name.endswith((".yaml", ".yml")) else path.name
     if path.parent == Path(".") and stem in preset_names():
         text = (_preset_dir() / f"{stem}.yaml").read_text(encoding="utf-8")
         return text, f"preset {stem}"
     raise MissingFileError(
-        f"rules file {str(source)!r} not found, and it is not a preset name; "
+        f"rules file {shown!r} not found, and it is not a preset name; "
         f"presets: {', '.join(preset_names())}"
     )
 
@@ -286,8 +366,26 @@ def _line_map(node, path=(), out=None) -> dict:
     return out
 
 
+def _check_depth(text: str, name: str) -> None:
+    """Refuse nesting deeper than MAX_NESTING before anything recursive sees the text.
+
+    The event parser is iterative, so this walk is safe where ``safe_load`` would hit
+    Python's recursion limit.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise RuleError(f"{name}:{event.start_mark.line + 1}: invalid YAML: nested more than {MAX_NESTING} "
+                                "levels deep; rules need three or four")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
 def _parse_yaml(text: str, name: str) -> tuple[Any, dict]:
     try:
+        _check_depth(text, name)
         data = yaml.safe_load(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
@@ -297,8 +395,17 @@ def _parse_yaml(text: str, name: str) -> tuple[Any, dict]:
         if "could not determine a constructor" in str(e):
             problem += " (only plain YAML is read: mappings, lists, strings, numbers, booleans)"
         raise RuleError(f"{where}: invalid YAML: {problem}") from None
+    except RuleError:
+        raise
     except yaml.YAMLError as e:
-        raise RuleError(f"{name}: invalid YAML: {e}") from None
+        # A ReaderError (a control character, such as the NULs of UTF-16 without a
+        # byte-order mark) prints on two lines; the CLI promises one.
+        raise RuleError(f"{name}: invalid YAML: {' '.join(str(e).split())}") from None
+    except (ValueError, OverflowError) as e:
+        # The safe constructor's own failures: an integer over Python's 4,300-digit text
+        # limit, a timestamp such as 2020-13-45.
+        raise RuleError(f"{name}: invalid YAML: a value cannot be read: {_short(' '.join(str(e).split()), 120)}") \
+            from None
     _check_nodes(node, name)
     return data, (_line_map(node) if node is not None else {})
 
@@ -306,7 +413,7 @@ def _parse_yaml(text: str, name: str) -> tuple[Any, dict]:
 def _check_nodes(root, name: str) -> None:
     """Refuse what safe_load accepts silently: a key given twice (the last would win
     unseen) and an alias inside its own anchor (a structure that contains itself)."""
-    stack = [(root, ())] if root is not None else []
+    stack: list[tuple[Any, tuple[int, ...]]] = [(root, ())] if root is not None else []
     visits = 0
     while stack:
         node, inside = stack.pop()
@@ -359,7 +466,7 @@ class _Checker:
 
                 close = difflib.get_close_matches(str(k), list(allowed), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                self.fail(path + (k,), f"unknown {what} key {k!r}{hint}; allowed: {', '.join(allowed)}")
+                self.fail(path + (k,), f"unknown {what} key {_show(k)}{hint}; allowed: {', '.join(allowed)}")
 
     def module(self, path, value) -> str:
         if not isinstance(value, str):
@@ -407,7 +514,7 @@ class _Checker:
         for v in items:
             if isinstance(v, bool) or not isinstance(v, int) or v == 0 or (v < 0 and not allow_negative):
                 self.fail(path, f"{key} must be a non-zero integer or a list of them (1-based, negative counts "
-                                f"from the end), got {value!r}")
+                                f"from the end), got {_show(value)}")
         return tuple(items)
 
     def selector(self, path, sel) -> Selector:
@@ -421,22 +528,22 @@ class _Checker:
             p = path + (k,)
             if k == "kind":
                 if v not in KINDS:
-                    self.fail(p, f"kind must be one of {', '.join(KINDS)}, got {v!r}")
+                    self.fail(p, f"kind must be one of {', '.join(KINDS)}, got {_show(v)}")
                 out[k] = v
             elif k in ("stage", "block"):
                 out[k] = self.int_list(p, k, v, allow_negative=True)
             elif k == "name":
                 names = v if isinstance(v, list) else [v]
                 if not names or not all(isinstance(g, str) and g for g in names):
-                    self.fail(p, f"name must be a glob string or a list of them, got {v!r}")
+                    self.fail(p, f"name must be a glob string or a list of them, got {_show(v)}")
                 out[k] = tuple(names)
             elif k in ("min_channels", "max_channels"):
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    self.fail(p, f"{k} must be a positive integer, got {v!r}")
+                    self.fail(p, f"{k} must be a positive integer, got {_show(v)}")
                 out[k] = v
             elif k == "has_attention":
                 if not isinstance(v, bool):
-                    self.fail(p, f"has_attention must be true or false, got {v!r}")
+                    self.fail(p, f"has_attention must be true or false, got {_show(v)}")
                 out[k] = v
         if "min_channels" in out and "max_channels" in out and out["min_channels"] > out["max_channels"]:
             self.fail(path + ("min_channels",), f"min_channels {out['min_channels']} > max_channels {out['max_channels']}")

@@ -25,7 +25,7 @@ from se_surgery import (AlreadyPatchedError, CheckpointError, MissingFileError, 
 from se_surgery.cli import load_weights, main
 from se_surgery.rules import OPTION_KEYS, RULE_KEYS, SELECT_KEYS, TOP_KEYS, Rules
 
-ALLOWED_VARIANTS = "standard, pre, post, identity"
+ALLOWED_VARIANTS = "standard, pre, post, identity, inner"
 
 
 def resnet18():
@@ -157,17 +157,17 @@ CASES = [
      r"rules\.yaml:1: key 'defaults.varient': unknown defaults key 'varient' \(did you mean 'variant'\?\)",
      resnet18),
     ("ratio_wrong_type", apply_yaml("rules:\n  - select: {}\n    ratio: sixteen\n"), RuleError,
-     r"rules\.yaml:3: rule 0, key 'ratio': ratio must be a number > 0, got 'sixteen'$", resnet18),
+     r"rules\.yaml:3: rule 0, key 'ratio': ratio must be a number from 0.125 to 4096, got 'sixteen'$", resnet18),
     ("ratio_zero", apply_yaml("defaults: {ratio: 0}\nrules: [{select: {}}]\n"), RuleError,
-     r"rules\.yaml:1: key 'defaults.ratio': ratio must be a number > 0, got 0$", resnet18),
+     r"rules\.yaml:1: key 'defaults.ratio': ratio must be a number from 0.125 to 4096, got 0$", resnet18),
     ("ratio_negative", apply_rules({"rules": [{"select": {}, "ratio": -4}]}), RuleError,
-     r"^<dict>: rule 0, key 'ratio': ratio must be a number > 0, got -4$", resnet18),
+     r"^<dict>: rule 0, key 'ratio': ratio must be a number from 0.125 to 4096, got -4$", resnet18),
     ("ratio_nan", apply_yaml("rules:\n  - select: {}\n    ratio: .nan\n"), RuleError,
-     r"ratio must be a number > 0, got nan$", resnet18),
+     r"ratio must be a number from 0.125 to 4096, got nan$", resnet18),
     ("ratio_bool", apply_rules({"rules": [{"select": {}, "ratio": True}]}), RuleError,
-     r"ratio must be a number > 0, got True$", resnet18),
+     r"ratio must be a number from 0.125 to 4096, got True$", resnet18),
     ("divisor_zero", apply_rules({"defaults": {"divisor": 0}, "rules": [{"select": {}}]}), RuleError,
-     r"key 'defaults.divisor': divisor must be an integer >= 1, got 0$", resnet18),
+     r"key 'defaults.divisor': divisor must be an integer from 1 to 512, got 0$", resnet18),
     ("unknown_variant", apply_yaml("defaults: {variant: middle}\nrules: [{select: {}}]\n"), RuleError,
      rf"key 'defaults.variant': variant must be one of {ALLOWED_VARIANTS}, got 'middle'$", resnet18),
     ("unknown_gate", apply_rules({"rules": [{"select": {}, "gate": "relu"}]}), RuleError,
@@ -406,6 +406,6 @@ def test_valid_dicts_do_validate():
     for d in [{"rules": [{"select": {}}]},
               {"defaults": {"ratio": 8.5, "variant": "pre"}, "rules": [{"select": {"stage": [-1, 2], "kind": "residual"}},
                                                                        {"select": {"name": "layer4.*"}, "skip": True}]},
-              {"rules": [{"select": None, "ratio": 10 ** 40}]}]:
+              {"rules": [{"select": None, "ratio": 4096}]}]:
         assert isinstance(_validates_or_rule_error(d), Rules)
     assert isinstance(_validates_or_rule_error(OrderedDict(rules=[{"select": {"block": -1}}])), Rules)

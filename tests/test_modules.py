@@ -258,8 +258,8 @@ def test_seoptions_round_trips():
      (r"rules.yaml:4: rule 0, key 'kernal_size': unknown rule key 'kernal_size' \(did you mean 'kernel_size'\?\); "
       r"allowed: select, skip, variant, kernel_size, gamma, beta, gate, init, module$")),
     ("defaults: {module: eca}\nrules:\n  - select: {}\n    kernel_size: 4\n",
-     (r"rules.yaml:4: rule 0, key 'kernel_size': kernel_size must be an odd integer >= 1, or null \(from the channel "
-      r"count\), got 4$")),
+     (r"rules.yaml:4: rule 0, key 'kernel_size': kernel_size must be an odd integer from 1 to 255, or null \(from "
+      r"the channel count\), got 4$")),
     ("rules:\n  - select: {}\n    module: ecca\n",
      (r"rules.yaml:3: rule 0, key 'module': unknown module 'ecca' \(did you mean 'eca'\?\); available: se, ese, eca, "
       r"gc, cbam")),
@@ -285,7 +285,7 @@ def test_validate_options_messages():
         modules.validate_options("cbam", {"kernel_size": 3})
     with pytest.raises(ModuleError, match=r"^module 'gc': fuse must be one of add, scale, got 'mul'$"):
         modules.validate_options("gc", {"fuse": "mul"})
-    with pytest.raises(ModuleError, match=r"^module 'se': ratio must be a number > 0, got True$"):
+    with pytest.raises(ModuleError, match=r"^module 'se': ratio must be a number from 0\.125 to 4096, got True$"):
         modules.validate_options("se", {"ratio": True})
 
 

@@ -68,8 +68,9 @@ def test_formats_render_the_same_numbers(rep):
         ("ResNet", [3, 224, 224], rep.added_params, rep.added_macs)
     assert len(data["sites"]) == 16 and data["sites"][0]["params"] == 8464
     rows = list(csv.DictReader(io.StringIO(rep.render("csv"))))
+    assert [r["row"] for r in rows] == ["site"] * 16 + ["added", "base"]  # totals apart from site rows
     assert [int(r["params"]) for r in rows[:16]] == [s.params for s in rep.sites]
-    assert rows[16]["name"] == "TOTAL" and int(rows[16]["params"]) == rep.added_params
+    assert int(rows[16]["params"]) == rep.added_params == sum(int(r["params"]) for r in rows[:16])
     assert int(rows[17]["macs"]) == rep.base_macs
     for fmt in ("table", "markdown"):
         text = rep.render(fmt)
