@@ -203,8 +203,9 @@ def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False,
             :func:`~se_surgery.find_sites`).
 
     Example:
-        >>> import torchvision, se_surgery
-        >>> p = se_surgery.plan(torchvision.models.resnet50(), "late_stages")
+        >>> import torchvision
+        >>> from se_surgery.plan import plan
+        >>> p = plan(torchvision.models.resnet50(), "late_stages")
         >>> [e.site.name for e in p.selected][:2], len(p.selected)
         (['layer3.0', 'layer3.1'], 9)
     """

@@ -203,8 +203,9 @@ def report(model: nn.Module, rules=None, *, input_size=None, tracer_kwargs=None)
     on real tensors and nothing of ``model`` runs or changes (see :func:`find_sites`).
 
     Example:
-        >>> import torchvision, se_surgery
-        >>> r = se_surgery.report(torchvision.models.resnet50(), "all_stages")
+        >>> import torchvision
+        >>> from se_surgery.report import report
+        >>> r = report(torchvision.models.resnet50(), "all_stages")
         >>> r.base_params, r.added_params, round(r.added_params_pct, 2)
         (25557032, 2530992, 9.9)
     """
