@@ -147,6 +147,7 @@ class GraphView:
         self.order = {n: i for i, n in enumerate(mg.graph.nodes)}
         self._axis: dict[fx.Node, int | None] = {}
         self._from_input: dict[fx.Node, bool] | None = None
+        self._args: dict[fx.Node, int] | None = None
 
     # ------------------------------------------------------------ structure
 
@@ -155,6 +156,26 @@ class GraphView:
             return self.mg.module.get_submodule(n.target)
         except AttributeError:
             return None
+
+    def argument_of(self, n: fx.Node) -> int | None:
+        """Which argument of the forward a placeholder belongs to (the elements of one list
+        argument, flattened into placeholders, share it)."""
+        if self._args is None:
+            phs = [p for p in self.mg.graph.nodes if p.op == "placeholder"]
+            info = getattr(self.mg.graph._codegen, "pytree_info", None)
+            sizes = [1] * len(phs)
+            if info is not None:
+                spec = info.in_spec
+                while spec is not None and len(spec.children_specs) == 2 and spec.type is tuple:
+                    spec = spec.children_specs[0]  # (args, kwargs): the positional args
+                sizes = [c.num_leaves for c in spec.children_specs] if spec is not None else sizes
+            owner = [i for i, k in enumerate(sizes) for _ in range(k)]
+            self._args = {p: (owner[j] if j < len(owner) else j) for j, p in enumerate(phs)}
+        return self._args.get(n)
+
+    def inputs_of(self, n: fx.Node) -> set[int]:
+        """The forward's arguments ``n`` carries data from."""
+        return {self.argument_of(a) for a in ancestors(n) | {n} if a.op == "placeholder"}
 
     def from_input(self, n: fx.Node) -> bool:
         """Whether a placeholder is ``n`` or among its tensor ancestors."""

@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ModelTypeError, TraceError
-from .nodes import ATTENTION_CLASSES, GraphView, add_operands, callable_name, cat_inputs, is_add, is_cat, \
+from .nodes import ATTENTION_CLASSES, GraphView, add_operands, ancestors, callable_name, cat_inputs, is_add, is_cat, \
     is_channel_cat, is_split, shape
 from .inner import find_inner
 from .trace import ModelGraphs, ModuleGraph, trace_model
@@ -150,10 +150,19 @@ def _residual(view: GraphView, n: fx.Node) -> tuple[dict | None, str | None]:
         return None, "operands broadcast (a bias or embedding, not a join)"
     fork = view.fork(*operands)
     if fork is None:
-        if all(view.from_input(o) for o in operands):
-            # Inputs the forward got separately (HRNet's list of resolutions): fusion.
-            return _facts(view, n, "branch_sum", None, None), None
-        return None, "the operands share no common input (two unrelated tensors)"
+        if not all(view.from_input(o) for o in operands):
+            return None, "the operands share no common input (two unrelated tensors)"
+        args = [view.inputs_of(o) for o in operands]
+        # A shortcut the caller passes in (DLA's ``block(x, shortcut)``): one operand is that
+        # argument itself (or a projection of it), the other a branch of another argument.
+        for skip in (0, 1):
+            o, other = operands[skip], operands[1 - skip]
+            if o.op == "placeholder" and args[skip].isdisjoint(args[1 - skip]) and _separate_argument(view, o) \
+                    and any(view.node_kind(x) != "linear" for x in ancestors(other) | {other}):
+                facts = _facts(view, n, "residual", None, 1 - skip)
+                return facts, None
+        # Inputs the forward got as one list (HRNet's resolutions), or unrelated branches: fusion.
+        return _facts(view, n, "branch_sum", None, None), None
     if shape(fork) is None:  # the fork is a list or tuple of tensors
         if is_split(fork):
             return None, "split-sum: the operands are parts of one tensor (Res2Net-style hierarchical sum)"
@@ -197,6 +206,12 @@ def _facts(view: GraphView, n: fx.Node, kind: str, fork: fx.Node | None, branch:
     return {"kind": kind, "channels": out[axis], "spatial": tuple(out[2:4]) if axis == 1 else tuple(out[1:3]),
             "channel_dim": 1 if axis == 1 else -1, "in_channels": in_ch, "in_spatial": in_sp, "branch_arg": branch,
             "axis": axis}
+
+
+def _separate_argument(view: GraphView, p: fx.Node) -> bool:
+    """Whether placeholder ``p`` is an argument of its own, not an element of a list argument."""
+    arg = view.argument_of(p)
+    return sum(view.argument_of(q) == arg for q in view.mg.graph.nodes if q.op == "placeholder") == 1
 
 
 def _layer_scaled(view: GraphView, fork: fx.Node, branch: fx.Node) -> bool:

@@ -193,29 +193,22 @@ def test_eca_on_every_residual_join_of_resnet50d_is_ecaresnet50d():
         torch.testing.assert_close(mine(x), theirs(x))
 
 
-def test_global_context_matches_gcresnet50t():
-    """gcresnet50t puts timm's 'gca' block inside each bottleneck (after the 3x3 conv, at the
-    bottleneck width): each of its GC modules has count_params('gc', C) parameters. At the
-    residual joins, ours equals timm's own GC placed last in the block (attn_last=True)."""
+def test_global_context_inside_the_bottleneck_is_gcresnet50t():
+    """gcresnet50t puts timm's 'gca' block inside each bottleneck, after the 3x3 conv at the
+    bottleneck width: ``variant: inner`` on the attention-free network is that network."""
     timm = pytest.importorskip("timm")
     from timm.models.byobnet import ByobNet, model_cfgs
 
-    cfg = model_cfgs["gcresnet50t"]
-    plain = ByobNet(dataclasses.replace(cfg, attn_layer=None)).eval()
-    gc = timm.create_model("gcresnet50t")
-    theirs = [m for m in gc.modules() if type(m).__name__ == "GlobalContext"]
-    assert len(theirs) == 16
-    assert [modules.count_params("gc", m.conv_attn.in_channels, {}) for m in theirs] == [_numel(m) for m in theirs]
-    assert _numel(gc) - _numel(plain) == sum(_numel(m) for m in theirs) == 323_352
-
-    last = ByobNet(dataclasses.replace(cfg, block_kwargs={"attn_last": True})).eval()
-    mine = _apply_quiet(plain, {"defaults": {"module": "gc", "init": "paper"}, "rules": [{"select": {"kind": "residual"}}]})
-    assert _numel(mine) == _numel(last)
-    assert se_surgery.report(mine).added_params == _numel(mine) - _numel(plain)
-    mine.load_state_dict({k.replace(".attn_last.", ".se."): v for k, v in last.state_dict().items()})
+    plain = ByobNet(dataclasses.replace(model_cfgs["gcresnet50t"], attn_layer=None)).eval()
+    theirs = timm.create_model("gcresnet50t").eval()
+    rules = {"defaults": {"module": "gc", "init": "paper", "variant": "inner"}, "rules": [{"select": {"kind": "residual"}}]}
+    mine = _apply_quiet(plain, rules)
+    assert _numel(mine) == _numel(theirs) and _numel(theirs) - _numel(plain) == 323_352
+    assert se_surgery.report(mine).added_params == 323_352
+    mine.load_state_dict({k.replace(".attn.", ".se."): v for k, v in theirs.state_dict().items()})
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(mine(x), last(x))
+        torch.testing.assert_close(mine(x), theirs(x))
 
 
 # ---------------------------------------------------------------- rules
