@@ -31,7 +31,6 @@ Sections:
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os

@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import modules
-from .errors import ModelTypeError, PlanError, TraceError
+from .errors import ModelTypeError, PlanError
 from .inner import inline_path
 from .nodes import add_operands, ancestors, is_activation_module
 from .patch import OwnerPatch, patched_class, source_of, swap
