@@ -33,7 +33,6 @@ shared with ``se-surgery sweep``, which compares placements (docs/sweep.md).
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 
 import torch
@@ -53,12 +52,8 @@ def _rank_path(out: str, rank: int) -> str:
 
 
 def _save(model, path: str, with_base: bool) -> None:
-    # A fine-tune that also trained the base is only reproducible with the base tensors
-    # saved too; save_se(include_base=...) is new, older se-surgery saves SE only.
-    if with_base and "include_base" in inspect.signature(se_surgery.save_se).parameters:
-        se_surgery.save_se(model, path, include_base=True)
-    else:
-        se_surgery.save_se(model, path)
+    # A fine-tune that also trained the base is reproducible only with the base tensors.
+    se_surgery.save_se(model, path, include_base=with_base)
 
 
 def _epoch_report(model, test_ds, d: Dist, workers: int, probe: torch.Tensor | None):

@@ -108,6 +108,15 @@ def test_finetune_with_se_keeps_accuracy(tuned, pretrained):
     assert res["steps"] == 23  # ceil(1437 / 64)
 
 
+def test_a_full_fine_tune_saves_what_reproduces_its_accuracy(ft, pretrained, work):
+    out = work / "full.safetensors"
+    res = ft.main([MODEL, "--weights", str(pretrained[0]), "--data", "digits", "--epochs", "1", "--max-steps", "4",
+                   "--lr", "0.05", "--se-lr", "0.05", "--device", "cpu", "--out", str(out)])
+    loaded = se_surgery.load_se(fresh(pretrained[0]), out)
+    assert evaluate(loaded, digits_data(SIZE)[1], Dist("cpu"))[0] == res["accuracy"]
+    assert not torch.equal(se_surgery.strip(loaded).conv1[0].weight, fresh(pretrained[0]).conv1[0].weight)  # base trained
+
+
 def test_freeze_base_leaves_every_base_tensor_unchanged(tuned, pretrained):
     res, _ = tuned
     base = fresh(pretrained[0]).state_dict()
