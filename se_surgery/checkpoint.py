@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError, RuleError, \
-    SESurgeryWarning
+from .errors import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError, RuleError, SESurgeryWarning
 from .insert import build_patches
 from .patch import base_class, swap
 from .plan import PlannedSite, is_patched, plan_from, se_modules

@@ -15,7 +15,8 @@ from .errors import ModelTypeError, PlanError
 from .inner import inline_path
 from .nodes import add_operands, ancestors, is_activation_module
 from .patch import OwnerPatch, patched_class, source_of, swap
-from .plan import Plan, PlannedSite, fingerprint, plan as make_plan
+from .plan import Plan, PlannedSite, fingerprint
+from .plan import plan as make_plan
 from .se import SqueezeExcite
 from .trace import ModuleGraph
 

@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import AlreadyPatchedError, ModelTypeError, PlanError, TraceError
-from .errors import SESurgeryWarning
 from . import modules
+from .errors import AlreadyPatchedError, ModelTypeError, PlanError, SESurgeryWarning, TraceError
 from .rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
 from .sites import Discovery, Site, discover
 

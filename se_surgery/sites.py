@@ -9,9 +9,20 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ModelTypeError, TraceError
-from .nodes import ATTENTION_CLASSES, GraphView, add_operands, ancestors, callable_name, cat_inputs, is_add, is_cat, \
-    is_channel_cat, is_split, shape
 from .inner import find_inner
+from .nodes import (
+    ATTENTION_CLASSES,
+    GraphView,
+    add_operands,
+    ancestors,
+    callable_name,
+    cat_inputs,
+    is_add,
+    is_cat,
+    is_channel_cat,
+    is_split,
+    shape,
+)
 from .trace import ModelGraphs, ModuleGraph, trace_model
 
 __all__ = ["Site", "Discovery", "find_sites", "discover", "resolve_input_size", "KINDS"]
