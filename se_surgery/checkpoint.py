@@ -313,7 +313,8 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
         mine = have.get(e.site.name)
         if mine is None or (mine.kind, mine.channels, mine.channel_dim, mine.node) != (
                 e.site.kind, e.site.channels, e.site.channel_dim, e.site.node):
-            raise CheckpointError(f"{path}: site {e.site.name!r} of the plan does not match this {type(inner).__name__}")
+            raise CheckpointError(
+                f"{path}: site {e.site.name!r} of the plan does not match this {type(inner).__name__}")
         planned.append((module, PlannedSite(mine, True, e.options, e.rule, e.matched)))
     by_name = {e.site.name: e for _, e in planned}
     all_entries = [by_name.get(s.name) or PlannedSite(s, False, None, None) for s in d.sites]

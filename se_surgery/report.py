@@ -136,7 +136,8 @@ class Report:
         ``base`` totals.
 
         Example:
-            >>> r = Report("Net", (3, 32, 32), 1000, 25, 5000, 10, [SiteRow("a", "residual", 1, "standard", 8, 1, 25, 10)])
+            >>> r = Report("Net", (3, 32, 32), 1000, 25, 5000, 10,
+            ...            [SiteRow("a", "residual", 1, "standard", 8, 1, 25, 10)])
             >>> print(r.render("csv"))
             row,name,kind,stage,variant,channels,hidden,params,macs
             site,a,residual,1,standard,8,1,25,10

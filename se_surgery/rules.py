@@ -546,7 +546,8 @@ class _Checker:
                     self.fail(p, f"has_attention must be true or false, got {_show(v)}")
                 out[k] = v
         if "min_channels" in out and "max_channels" in out and out["min_channels"] > out["max_channels"]:
-            self.fail(path + ("min_channels",), f"min_channels {out['min_channels']} > max_channels {out['max_channels']}")
+            self.fail(path + ("min_channels",),
+                      f"min_channels {out['min_channels']} > max_channels {out['max_channels']}")
         return Selector(**out)
 
 

@@ -453,7 +453,7 @@ def table(records: list[dict]) -> str:
         |---|---|---|---|---|---|---|---|---|---|
         | baseline (no SE) |  |  |  | 2 | 85.00 ± 7.07 | +0.00 ± 0.00 | 0 | 0 | 1.0 |
         | late_stages | pre | 16 | se | 2 | 87.50 ± 10.61 | +2.50 ± 3.54 | 100 | 2,000 | 1.0 |
-    """
+    """  # noqa: E501 - doctest output must match verbatim
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(tuple(r.get(k) for k in SETTING), []).append(r)

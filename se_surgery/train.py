@@ -106,7 +106,7 @@ def folder_data(root: str | os.PathLike, size: int = 224, seed: int = 0) -> tupl
         Traceback (most recent call last):
         ...
         se_surgery.errors.MissingFileError: --data '/no/such/dir': not a directory (give an ImageFolder directory, or 'digits')
-    """
+    """  # noqa: E501 - doctest output must match verbatim
     r = Path(root)
     if not r.is_dir():
         raise MissingFileError(f"--data {str(root)!r}: not a directory (give an ImageFolder directory, or 'digits')")
