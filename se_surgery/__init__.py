@@ -7,9 +7,20 @@ Example:
     True
 """
 
-from .errors import (AlreadyPatchedError, CheckpointError, MissingFileError, ModelTypeError, NotPatchedError,
-                     ModuleError, PlanError, RuleError, SESurgeryError, SESurgeryWarning, TraceError)
 from .checkpoint import load_se, save_se
+from .errors import (
+    AlreadyPatchedError,
+    CheckpointError,
+    MissingFileError,
+    ModelTypeError,
+    ModuleError,
+    NotPatchedError,
+    PlanError,
+    RuleError,
+    SESurgeryError,
+    SESurgeryWarning,
+    TraceError,
+)
 from .finetune import mark_only_se_trainable, param_groups, se_parameters, strip
 from .insert import apply
 from .modules import register_module

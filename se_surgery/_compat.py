@@ -60,7 +60,7 @@ def timm_registries(model: nn.Module) -> tuple[tuple[type, ...], tuple]:
         from timm.layers import _fx as timm_fx  # timm >= 0.9
     except ImportError:  # pragma: no cover - older timm
         try:
-            from timm.models import _features_fx as timm_fx
+            from timm.models import _features_fx as timm_fx  # type: ignore[no-redef]  # same module, older name
         except ImportError:
             return (), ()
     leaves = tuple(timm_fx.get_notrace_modules())

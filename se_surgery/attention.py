@@ -15,6 +15,7 @@ shared with :class:`~se_surgery.se.SqueezeExcite`:
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,7 @@ class EffectiveSE(nn.Module):
         self.fc = nn.Conv2d(self.channels, self.channels, 1, device=device, dtype=dtype)
         if init == "identity":
             nn.init.zeros_(self.fc.weight)
-            nn.init.zeros_(self.fc.bias)
+            nn.init.zeros_(cast(torch.Tensor, self.fc.bias))  # made with bias=True
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, gate={self.gate_fn!r}, init={self.init!r}, channel_dim={self.channel_dim}"
@@ -192,7 +193,7 @@ class GlobalContext(nn.Module):
             self.mlp_scale = mlp
         if init == "identity":
             nn.init.zeros_(mlp.fc2.weight)
-            nn.init.zeros_(mlp.fc2.bias)
+            nn.init.zeros_(cast(torch.Tensor, mlp.fc2.bias))  # made with bias=True
         else:  # timm's reset_parameters
             nn.init.kaiming_normal_(self.conv_attn.weight, mode="fan_in", nonlinearity="relu")
             if fuse == "add":

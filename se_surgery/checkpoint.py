@@ -16,12 +16,12 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
-from .errors import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError, RuleError, \
-    SESurgeryWarning
+from .errors import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError, RuleError, SESurgeryWarning
 from .insert import build_patches
 from .patch import base_class, swap
 from .plan import PlannedSite, is_patched, plan_from, se_modules
@@ -36,12 +36,14 @@ FORMAT = "se-surgery/2"
 def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
     """The model inside DataParallel / DistributedDataParallel / torch.compile wrappers, and
     its path in the wrapper (``module``, ``_orig_mod``, ``""`` when there is none)."""
-    path = []
+    path: list[str] = []
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model, _ = model.module, path.append("module")
+            model = model.module
+            path.append("module")
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model, _ = model._orig_mod, path.append("_orig_mod")
+            model = cast(nn.Module, model._orig_mod)
+            path.append("_orig_mod")
         else:
             return model, ".".join(path)
 
@@ -113,7 +115,7 @@ def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = F
                       f"{trainable[0]}): if they were trained, save_se(..., include_base=True) keeps them; this "
                       "checkpoint holds only the SE weights", SESurgeryWarning, stacklevel=2)
     first = mods[0][1]
-    sizes = {tuple(m.se_input_size) for _, m in mods}
+    sizes = {tuple(cast(tuple, m.se_input_size)) for _, m in mods}
     if len(sizes) != 1:
         raise CheckpointError(f"the SE modules of this {type(inner).__name__} were planned at different input "
                               f"sizes {sorted(map(str, sizes))}; one apply() call makes one plan")
@@ -130,8 +132,8 @@ def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = F
         "input_size": json.dumps(list(sizes.pop())),
         "rules": json.dumps(dict(rules.to_dict(), source=rules.source)),
         "sites": json.dumps([[_strip_prefix(n, prefix), k, c] for n, k, c in first.se_model_sites]),
-        "plan": json.dumps([{"module": name, "site": site_dict(m.se_site), "options": m.se_options.rule_options(),
-                             "rule": m.se_rule} for name, m in mods]),
+        "plan": json.dumps([{"module": name, "site": site_dict(cast(Site, m.se_site)),
+                             "options": m.se_options.rule_options(), "rule": m.se_rule} for name, m in mods]),
         "include_base": json.dumps(include_base),
     }
     state = inner.state_dict()
@@ -235,18 +237,18 @@ def _parse(path: Path, meta: dict):
     if not raw_plan:
         raise CheckpointError(f"{path}: the checkpoint's plan has no SE site")
     entries, seen = [], set()
-    for i, e in enumerate(raw_plan):
-        if not isinstance(e, dict) or not isinstance(e.get("module"), str) or not e["module"]:
+    for i, raw in enumerate(raw_plan):
+        if not isinstance(raw, dict) or not isinstance(raw.get("module"), str) or not raw["module"]:
             raise CheckpointError(f"{path}: plan entry {i} must be an object with a 'module' name")
-        site, options = _site(path, i, e.get("site")), _options(path, i, e.get("options"))
-        rule = e.get("rule")
+        site, options = _site(path, i, raw.get("site")), _options(path, i, raw.get("options"))
+        rule = raw.get("rule")
         if rule is not None and (not isinstance(rule, int) or isinstance(rule, bool)):
             raise CheckpointError(f"{path}: plan entry {i}: 'rule' must be an int or null, got {rule!r}")
-        for key in (e["module"], site.name):
+        for key in (raw["module"], site.name):
             if key in seen:
                 raise CheckpointError(f"{path}: plan entry {i}: {key!r} appears twice in the plan")
             seen.add(key)
-        entries.append((e["module"], PlannedSite(site, True, options, rule, () if rule is None else (rule,))))
+        entries.append((raw["module"], PlannedSite(site, True, options, rule, () if rule is None else (rule,))))
     include_base = _field(path, meta, "include_base", bool)
     return tuple(size), rules, [tuple(s) for s in sites], entries, include_base
 
@@ -314,7 +316,8 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
         mine = have.get(e.site.name)
         if mine is None or (mine.kind, mine.channels, mine.channel_dim, mine.node) != (
                 e.site.kind, e.site.channels, e.site.channel_dim, e.site.node):
-            raise CheckpointError(f"{path}: site {e.site.name!r} of the plan does not match this {type(inner).__name__}")
+            raise CheckpointError(
+                f"{path}: site {e.site.name!r} of the plan does not match this {type(inner).__name__}")
         planned.append((module, PlannedSite(mine, True, e.options, e.rule, e.matched)))
     by_name = {e.site.name: e for _, e in planned}
     all_entries = [by_name.get(s.name) or PlannedSite(s, False, None, None) for s in d.sites]

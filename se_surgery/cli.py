@@ -120,10 +120,12 @@ def load_weights(model: nn.Module, path: str, *, hint: str = "") -> None:
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
     except Exception as e:  # noqa: BLE001 - any loader failure means the file is not a usable checkpoint
-        raise CheckpointError(f"cannot load weights from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"cannot load weights from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     # Check everything before copying: load_state_dict copies the tensors that fit before
     # it raises for the ones that do not, which would leave the model half loaded.
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"cannot load weights from {path}: expected a state_dict (names to tensors), "
                               f"got {type(state).__name__}")
     own = model.state_dict()
@@ -622,7 +624,7 @@ def main(argv=None) -> int:
         >>> main(["check", "late_stages"])
         preset late_stages: valid, 1 rule(s); defaults: variant=standard, ratio=16, divisor=1, min_hidden=1, init=identity, squeeze=avg, gate=sigmoid, bias=True
         0
-    """
+    """  # noqa: E501 - doctest output must match verbatim
     try:
         try:
             args = parser().parse_args(argv)

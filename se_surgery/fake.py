@@ -145,10 +145,10 @@ def run_copy(model: nn.Module, size: tuple[int, int, int], watch=()) -> dict[int
 
     device, dtype = next(((t.device, t.dtype) for t in list(model.parameters()) + list(model.buffers())
                           if t.is_floating_point()), (torch.device("cpu"), torch.get_default_dtype()))
-    nn.Module.__call__ = call
+    nn.Module.__call__ = call  # type: ignore[method-assign]  # patched on purpose, put back below
     try:
         with torch.no_grad(), mode, NeutralScalars():
             copy(torch.empty((1, *size), device=device, dtype=dtype))
     finally:
-        nn.Module.__call__ = MODULE_CALL
+        nn.Module.__call__ = MODULE_CALL  # type: ignore[method-assign]
     return seen

@@ -9,6 +9,8 @@ inlining those modules' graphs, so the SE module still belongs to the residual b
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch.fx as fx
 from torch import nn
 
@@ -45,7 +47,7 @@ def _candidates(view: GraphView, nodes, chain: tuple, views: dict, depth: int = 
         if m is None:
             continue
         if _spatial_conv(m):
-            yield _score(m), chain, view, n
+            yield _score(cast(nn.Conv2d, m)), chain, view, n
             continue
         g = view.graphs.get(id(m))
         sub = views.get(id(g)) if g is not None else None
@@ -102,12 +104,12 @@ def inline_path(graph: fx.Graph, chain: tuple, node: str, graphs: list[ModuleGra
     names = {n.name: n for n in graph.nodes}
     for name, child in zip(chain, graphs):
         call = names[name]
-        names = _inline(graph, call, child.graph, call.target)
+        names = _inline(graph, call, cast(fx.Graph, child.graph), cast(str, call.target))
     return names[node]
 
 
 def _inline(graph: fx.Graph, call: fx.Node, child: fx.Graph, prefix: str) -> dict[str, fx.Node]:
-    env: dict[fx.Node, object] = {}
+    env: dict[fx.Node, Any] = {}
     placeholders = [n for n in child.nodes if n.op == "placeholder"]
     for i, ph in enumerate(placeholders):
         if i < len(call.args):
@@ -128,6 +130,6 @@ def _inline(graph: fx.Graph, call: fx.Node, child: fx.Graph, prefix: str) -> dic
             if new.op in ("call_module", "get_attr"):
                 new.target = f"{prefix}.{n.target}"
             env[n] = new
-    call.replace_all_uses_with(result)
+    call.replace_all_uses_with(cast(fx.Node, result))
     graph.erase_node(call)
     return {n.name: v for n, v in env.items() if n.op != "placeholder" and isinstance(v, fx.Node)}

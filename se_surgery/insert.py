@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import operator
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -15,7 +16,8 @@ from .errors import ModelTypeError, PlanError
 from .inner import inline_path
 from .nodes import add_operands, ancestors, is_activation_module
 from .patch import OwnerPatch, patched_class, source_of, swap
-from .plan import Plan, PlannedSite, fingerprint, plan as make_plan
+from .plan import Plan, PlannedSite, fingerprint
+from .plan import plan as make_plan
 from .se import SqueezeExcite
 from .trace import ModuleGraph
 
@@ -29,7 +31,7 @@ _ACTIVATION_FUNCTIONS = {torch.relu, torch.relu_, nn.functional.relu, nn.functio
 def _is_activation(n: fx.Node, owner: nn.Module) -> bool:
     if n.op == "call_module":
         try:
-            return is_activation_module(owner.get_submodule(n.target))
+            return is_activation_module(owner.get_submodule(cast(str, n.target)))
         except AttributeError:
             return False
     if n.op == "call_function":
@@ -43,7 +45,7 @@ def _private_fresh(branch: fx.Node, join: fx.Node, owner: nn.Module) -> bool:
     if branch.op != "call_module" or len(branch.users) != 1 or join not in branch.users:
         return False
     try:
-        m = owner.get_submodule(branch.target)
+        m = owner.get_submodule(cast(str, branch.target))
     except AttributeError:  # an SE module inserted at an earlier join of this owner
         return False
     return type(m) in _FRESH_OUTPUT and not m._forward_hooks
@@ -67,7 +69,8 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
         target.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
         return
     ops = add_operands(node)
-    branch, skip = ops[site.branch_arg], ops[1 - site.branch_arg]
+    b = cast(int, site.branch_arg)  # set on every add site
+    branch, skip = ops[b], ops[1 - b]
     if variant == "standard" and not modules.supports_skip(se):  # a user's module: skip + module(branch)
         with graph.inserting_before(node):
             new = graph.call_function(operator.add, (skip, graph.call_module(se_name, (branch,))))
@@ -77,7 +80,7 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
         # One fused addcmul (skip + branch * gate) instead of a mul and an add; written
         # into the branch's own fresh tensor where nothing else can see it (inference).
         fresh = isinstance(se, SqueezeExcite) and _private_fresh(branch, node, owner)
-        kwargs = {"inplace": True} if fresh else {}
+        kwargs: dict[str, Any] = {"inplace": True} if fresh else {}
         with graph.inserting_before(node):
             new = graph.call_module(se_name, (branch, skip), kwargs)
         node.replace_all_uses_with(new)
@@ -126,7 +129,7 @@ def _inner_node(graph: fx.Graph, owner: nn.Module, mg: ModuleGraph, site, p: Pla
     *chain, node = site.inner
     graphs, path, current = [], mg.path, mg
     for name in chain:
-        target = current.node(name).target
+        target = cast(str, current.node(name).target)
         path = f"{path}.{target}" if path else target
         current = p.discovery.graph_of(path)
         module = owner.get_submodule(path[len(mg.path) + 1:] if mg.path else path)
@@ -139,7 +142,7 @@ def _inner_node(graph: fx.Graph, owner: nn.Module, mg: ModuleGraph, site, p: Pla
 
 def rewrite(mg: ModuleGraph, owner: nn.Module, entries: list[PlannedSite], p: Plan, fallback) -> OwnerPatch:
     """The patch for one owner: its planned graph with SE at ``entries``, and the SE modules."""
-    graph = copy.deepcopy(mg.graph)  # the plan's graph stays as the user reviewed it
+    graph = cast(fx.Graph, copy.deepcopy(mg.graph))  # the plan's graph stays as the user reviewed it
     nodes = {n.name: n for n in graph.nodes}
     device, dtype = _device_dtype(owner, fallback)
     taken: set[str] = set()
@@ -147,7 +150,7 @@ def rewrite(mg: ModuleGraph, owner: nn.Module, entries: list[PlannedSite], p: Pl
     model_sites = tuple((e.site.name, e.site.kind, e.site.channels) for e in p.entries)  # the checkpoint fingerprint
     for k, entry in enumerate(entries, 1):
         name = _se_name(owner, k, taken)
-        se = _make_module(entry, device, dtype)
+        se: Any = _make_module(entry, device, dtype)  # nn.Module's __setattr__ stub refuses the plain attributes below
         se.train(owner.training)
         # What save_se records, and report reads: the site, the options, the rule that decided.
         se.se_site, se.se_options, se.se_rule = entry.site, entry.options, entry.rule

@@ -394,7 +394,7 @@ def validate_options(module_name: str, options: dict) -> dict:
         Traceback (most recent call last):
         ...
         se_surgery.errors.ModuleError: module 'eca': kernel_size must be an odd integer from 1 to 255, or null (from the channel count), got 4
-    """
+    """  # noqa: E501 - doctest output must match verbatim
     if not isinstance(options, dict):
         raise ModuleError(f"module {module_name!r}: options must be a dict, got {type(options).__name__}")
     spec = _registry().get(module_name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -114,7 +115,7 @@ def ancestors(n: fx.Node) -> set[fx.Node]:
 
 
 def callable_name(n: fx.Node) -> str:
-    return n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return cast(str, n.target) if n.op == "call_method" else getattr(n.target, "__name__", "")
 
 
 def is_split(n: fx.Node) -> bool:
@@ -153,7 +154,7 @@ class GraphView:
 
     def module(self, n: fx.Node) -> nn.Module | None:
         try:
-            return self.mg.module.get_submodule(n.target)
+            return self.mg.module.get_submodule(cast(str, n.target))
         except AttributeError:
             return None
 
@@ -175,7 +176,8 @@ class GraphView:
 
     def inputs_of(self, n: fx.Node) -> set[int]:
         """The forward's arguments ``n`` carries data from."""
-        return {self.argument_of(a) for a in ancestors(n) | {n} if a.op == "placeholder"}
+        # argument_of knows every placeholder of the graph: never None here.
+        return {cast(int, self.argument_of(a)) for a in ancestors(n) | {n} if a.op == "placeholder"}
 
     def from_input(self, n: fx.Node) -> bool:
         """Whether a placeholder is ``n`` or among its tensor ancestors."""
@@ -222,7 +224,7 @@ class GraphView:
         mg = mg or self.mg
         if n.op == "call_module":
             try:
-                m = mg.module.get_submodule(n.target)
+                m = mg.module.get_submodule(cast(str, n.target))
             except AttributeError:
                 return "opaque"
             return "act" if self.module_nonlinear(m) else "linear"
@@ -292,7 +294,7 @@ class GraphView:
         if n.op in ("call_function", "call_method"):
             name = callable_name(n)
             if name == "permute":
-                dims = n.args[1:] if n.op == "call_method" else n.args[1]
+                dims: Any = n.args[1:] if n.op == "call_method" else n.args[1]
                 if n.op == "call_method" and len(dims) == 1 and isinstance(dims[0], (tuple, list)):
                     dims = dims[0]
                 dims = n.kwargs.get("dims", dims)
@@ -303,7 +305,7 @@ class GraphView:
                 dims = [d % 4 for d in dims]
                 return dims.index(axis) if axis in dims else None
             if name == "transpose":
-                src, a, b = n.args[0], n.args[1] % 4, n.args[2] % 4
+                src, a, b = n.args[0], cast(int, n.args[1]) % 4, cast(int, n.args[2]) % 4
                 axis = self.channel_axis(src, depth + 1) if isinstance(src, fx.Node) else None
                 if axis is None:
                     return None
@@ -387,7 +389,7 @@ class GraphView:
                 operand = operand.args[0] if operand.args and isinstance(operand.args[0], fx.Node) else operand
             frontier, seen = [(operand, False)], set()
             for _ in range(12):
-                nxt = []
+                nxt: list[tuple[fx.Node, bool]] = []
                 for a, saw_gate in frontier:
                     if not small(a) or (a, saw_gate) in seen:
                         continue
@@ -398,7 +400,7 @@ class GraphView:
                         saw_gate = True
                     pooled = (a.op == "call_function" and a.target in _POOL_FUNCTIONS) or isinstance(
                         m, _POOL_MODULES) or (a.op == "call_method" and a.target in ("mean", "amax"))
-                    if saw_gate and pooled and sum(d > 1 for d in shape(a)[1:]) <= 1:
+                    if saw_gate and pooled and sum(d > 1 for d in cast(tuple, shape(a))[1:]) <= 1:
                         return True
                     nxt.extend((b, saw_gate) for b in tensor_inputs(a))
                 frontier = nxt

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch.fx as fx
 from torch import nn
@@ -28,7 +29,7 @@ def _forward_from(base: type, source: str) -> object:
 def _rebuild(base: type, source: str, added: tuple, constants: dict):
     """Unpickle or copy an instance of a patched class: find or make the class, then an empty instance."""
     cls = patched_class(base, source, added, constants)
-    return cls.__new__(cls)
+    return cast(Any, cls).__new__(cls)  # typeshed's type.__new__ wants a class body; this is the base's __new__
 
 
 def _reduce_ex(self, protocol):
@@ -99,7 +100,7 @@ def is_patched_module(m: nn.Module) -> bool:
 
 
 def base_class(m: nn.Module) -> type:
-    return type(m)._se_surgery_base if is_patched_module(m) else type(m)
+    return cast(Any, type(m))._se_surgery_base if is_patched_module(m) else type(m)
 
 
 def swap(model: nn.Module, patches: list[OwnerPatch]) -> None:
@@ -132,7 +133,7 @@ def swap(model: nn.Module, patches: list[OwnerPatch]) -> None:
 
 def unpatch(m: nn.Module) -> None:
     """Remove what :func:`swap` added to ``m`` and give it back its own class."""
-    cls = type(m)
+    cls: Any = type(m)  # a patched class: it has the _se_surgery_* attributes
     for name in cls._se_surgery_added:
         m._modules.pop(name, None)
     m.__class__ = cls._se_surgery_base

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import warnings
 from dataclasses import dataclass, field
+from typing import cast
 
 from torch import nn
 
-from .errors import AlreadyPatchedError, ModelTypeError, PlanError, TraceError
-from .errors import SESurgeryWarning
 from . import modules
+from .errors import AlreadyPatchedError, ModelTypeError, PlanError, SESurgeryWarning, TraceError
 from .rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
 from .sites import Discovery, Site, discover
 
@@ -57,18 +57,18 @@ class PlannedSite:
         inside for ``inner``)."""
         variant = self.options.variant if self.options is not None else None
         if variant == "pre":
-            return self.site.in_channels
+            return cast(int, self.site.in_channels)  # plan() refuses the variant where the site lacks it
         if variant == "inner":
-            return self.site.inner_channels
+            return cast(int, self.site.inner_channels)  # plan() refuses the variant where the site lacks it
         return self.site.channels
 
     @property
     def se_spatial(self) -> tuple[int, int]:
         variant = self.options.variant if self.options is not None else None
         if variant == "pre":
-            return self.site.in_spatial
+            return cast(tuple[int, int], self.site.in_spatial)
         if variant == "inner":
-            return self.site.inner_spatial
+            return cast(tuple[int, int], self.site.inner_spatial)
         return self.site.spatial
 
     @property

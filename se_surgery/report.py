@@ -13,6 +13,7 @@ import csv
 import io
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -136,7 +137,8 @@ class Report:
         ``base`` totals.
 
         Example:
-            >>> r = Report("Net", (3, 32, 32), 1000, 25, 5000, 10, [SiteRow("a", "residual", 1, "standard", 8, 1, 25, 10)])
+            >>> r = Report("Net", (3, 32, 32), 1000, 25, 5000, 10,
+            ...            [SiteRow("a", "residual", 1, "standard", 8, 1, 25, 10)])
             >>> print(r.render("csv"))
             row,name,kind,stage,variant,channels,hidden,params,macs
             site,a,residual,1,standard,8,1,25,10
@@ -218,6 +220,7 @@ def report(model: nn.Module, rules=None, *, input_size=None, tracer_kwargs=None)
         mods = se_modules(model)
         total_macs, seen = _count(model, size, [m for _, m in mods])
         rows, fc_macs = [], 0  # fc_macs: what the flop counter counted inside the inserted modules
+        se: Any  # SE modules carry se_site and se_options as plain attributes
         for _, se in mods:
             shape = seen.get(id(se))
             if shape is None:

@@ -86,7 +86,7 @@ class SEOptions:
     # Options written for a module other than se (kernel_size, ratio for gc, ...), as
     # sorted (key, value) pairs; a dict is accepted. In Rules.defaults: every option the
     # defaults block wrote, for whichever module a rule resolves to.
-    extra: tuple = ()
+    extra: tuple | dict = ()  # a dict is taken too: __post_init__ stores sorted (key, value) pairs
 
     def __post_init__(self):
         extra = self.extra.items() if isinstance(self.extra, dict) else self.extra
@@ -546,7 +546,8 @@ class _Checker:
                     self.fail(p, f"has_attention must be true or false, got {_show(v)}")
                 out[k] = v
         if "min_channels" in out and "max_channels" in out and out["min_channels"] > out["max_channels"]:
-            self.fail(path + ("min_channels",), f"min_channels {out['min_channels']} > max_channels {out['max_channels']}")
+            self.fail(path + ("min_channels",),
+                      f"min_channels {out['min_channels']} > max_channels {out['max_channels']}")
         return Selector(**out)
 
 
@@ -584,7 +585,8 @@ def _from_data(data, source: str, lines: dict) -> Rules:
         path = ("rules", i)
         if not isinstance(r, dict):
             chk.fail(path, f"each rule must be a mapping with 'select:', got {type(r).__name__}")
-        candidates = (rule_modules[i],) if rule_modules[i] else every
+        own_module = rule_modules[i]
+        candidates = (own_module,) if own_module else every
         chk.options(path, r, candidates, "rule", ("select", "skip") + fixed)
         select = chk.selector(path + ("select",), r.get("select"))
         skip = r.get("skip", False)

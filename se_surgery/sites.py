@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch.fx as fx
 from torch import nn
 
 from .errors import ModelTypeError, TraceError
-from .nodes import ATTENTION_CLASSES, GraphView, add_operands, ancestors, callable_name, cat_inputs, is_add, is_cat, \
-    is_channel_cat, is_split, shape
 from .inner import find_inner
+from .nodes import (
+    ATTENTION_CLASSES,
+    GraphView,
+    add_operands,
+    ancestors,
+    callable_name,
+    cat_inputs,
+    is_add,
+    is_cat,
+    is_channel_cat,
+    is_split,
+    shape,
+)
 from .trace import ModelGraphs, ModuleGraph, trace_model
 
 __all__ = ["Site", "Discovery", "find_sites", "discover", "resolve_input_size", "KINDS"]
@@ -189,7 +201,7 @@ def _residual(view: GraphView, n: fx.Node) -> tuple[dict | None, str | None]:
 
 
 def _facts(view: GraphView, n: fx.Node, kind: str, fork: fx.Node | None, branch: int | None) -> dict | None:
-    out = shape(n)
+    out = cast(tuple, shape(n))  # an add the fake forward reached: its shape is recorded
     operands = add_operands(n)
     order = operands if branch is None else [operands[branch], operands[1 - branch]]
     axis = None
@@ -200,7 +212,7 @@ def _facts(view: GraphView, n: fx.Node, kind: str, fork: fx.Node | None, branch:
         return None
     in_ch = in_sp = None
     fork_shape = shape(fork) if fork is not None else None
-    if fork_shape is not None and len(fork_shape) == 4 and view.channel_axis(fork) in (axis, None):
+    if fork is not None and fork_shape is not None and len(fork_shape) == 4 and view.channel_axis(fork) in (axis, None):
         in_ch = fork_shape[axis]
         in_sp = tuple(fork_shape[2:4]) if axis == 1 else tuple(fork_shape[1:3])
     return {"kind": kind, "channels": out[axis], "spatial": tuple(out[2:4]) if axis == 1 else tuple(out[1:3]),
@@ -300,7 +312,7 @@ def discover(model: nn.Module, input_size=None, *, tracer_kwargs=None) -> Discov
             if facts is None:
                 if why:
                     rejected.append((label, why))
-                elif is_add(n) and shape(n) is not None and len(shape(n)) == 4:
+                elif is_add(n) and (s := shape(n)) is not None and len(s) == 4:
                     rejected.append((label, "channel axis unknown (no conv, norm or linear layer produces it)"))
                 continue
             if g.train_dependent:
@@ -336,7 +348,9 @@ def _name_and_number(model: nn.Module, found: list[dict], canonical, views) -> l
             s = min((r for r in declared if r >= s), default=s)
         strides.append(s)
     stage_of = {s: i + 1 for i, s in enumerate(sorted(set(strides)))}
-    sites, per_owner, per_stage = [], {}, {}
+    sites: list[Site] = []
+    per_owner: dict[str, int] = {}
+    per_stage: dict[int, int] = {}
     for f, stride in zip(found, strides):
         g: ModuleGraph = f["graph"]
         owner = g.path

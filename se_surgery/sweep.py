@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -110,8 +111,9 @@ class Trial:
     def label(self) -> str:
         if self.baseline:
             return "baseline (no SE)"
-        parts = [self.rules] + [f"{k}={_fmt(v)}" for k, v in (("variant", self.variant), ("ratio", self.ratio),
-                                                               ("module", self.module)) if v is not None]
+        parts = [cast(str, self.rules)] + [
+            f"{k}={_fmt(v)}" for k, v in (("variant", self.variant), ("ratio", self.ratio), ("module", self.module))
+            if v is not None]
         return " ".join(parts)
 
 
@@ -132,9 +134,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     """
     if text is None:
         return 0, 1
-    i, sep, n = str(text).partition("/")
+    i_text, sep, n_text = str(text).partition("/")
     try:
-        i, n = int(i), int(n)
+        i, n = int(i_text), int(n_text)
     except ValueError:
         i, n = -1, 0
     if not sep or not 0 <= i < n:
@@ -288,7 +290,7 @@ def _run_trial(base: nn.Module, trial: Trial, resolved: dict | None, cost: dict,
     seconds = time.perf_counter() - start
     agree = None
     if d.distributed:
-        sums = [None] * d.world
+        sums: list[Any] = [None] * d.world
         torch.distributed.all_gather_object(sums, _checksum(model))
         agree = all(s == sums[0] for s in sums)
     rec = {"key": key, "model": config.model, "data": config.data, "rules": trial.rules,
@@ -453,7 +455,7 @@ def table(records: list[dict]) -> str:
         |---|---|---|---|---|---|---|---|---|---|
         | baseline (no SE) |  |  |  | 2 | 85.00 ± 7.07 | +0.00 ± 0.00 | 0 | 0 | 1.0 |
         | late_stages | pre | 16 | se | 2 | 87.50 ± 10.61 | +2.50 ± 3.54 | 100 | 2,000 | 1.0 |
-    """
+    """  # noqa: E501 - doctest output must match verbatim
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(tuple(r.get(k) for k in SETTING), []).append(r)
@@ -503,7 +505,7 @@ def plot(records: list[dict], path: str | Path) -> None:
     for r in records:
         groups.setdefault(tuple(r.get(k) for k in SETTING), []).append(r)
     markers = itertools.cycle("osD^v<>PpXh")  # "*" is the baseline's
-    colors = itertools.cycle(plt.get_cmap("tab20").colors)
+    colors = itertools.cycle(plt.get_cmap("tab20").colors)  # type: ignore[attr-defined]  # tab20 is a ListedColormap
     for setting, rs in groups.items():
         rules, variant, ratio, module = setting
         if rules is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -96,6 +97,8 @@ class _TrainingFlag(int):
     A forward that reads its training flag may trace differently in train and eval
     mode; only such a forward is traced a second time to compare.
     """
+
+    reads: list
 
     def __new__(cls, value: bool, reads: list):
         obj = int.__new__(cls, bool(value))
@@ -308,7 +311,7 @@ class _Walker:
         if id(m) not in self.paths:
             return MODULE_CALL(m, *args, **kwargs)  # a module the forward made on the fly
         if is_compiled_wrapper(m):
-            return self.dispatch(m._orig_mod, args, kwargs)
+            return self.dispatch(cast(nn.Module, m._orig_mod), args, kwargs)
         if _is_layer(m):
             return m.forward(*args, **kwargs)
         mg = self.graphs.get(id(m))
@@ -334,11 +337,12 @@ class _Walker:
 
     def _trace(self, m: nn.Module, args: tuple, kwargs: dict) -> ModuleGraph:
         path = self.paths[id(m)]
-        mg = ModuleGraph(path, m, skeleton=call_skeleton(args, kwargs))
+        skeleton = call_skeleton(args, kwargs)
+        mg = ModuleGraph(path, m, skeleton=skeleton)
         if isinstance(m, self.leaves) if self.leaves else False:
             mg.error, mg.quiet = "a leaf module (its forward is not traced)", True
             return mg
-        concrete = _concrete_args(m, mg.skeleton)
+        concrete = _concrete_args(m, skeleton)
         if m is self.copy and self.opts.concrete_args:
             concrete = dict(concrete or {}, **self.opts.concrete_args)
         try:
@@ -375,7 +379,7 @@ class _Walker:
         def call(mod, *args, **kwargs):
             return walker.dispatch(mod, args, kwargs)
 
-        nn.Module.__call__ = call
+        nn.Module.__call__ = call  # type: ignore[method-assign]  # patched on purpose, put back below
         try:
             with torch.no_grad(), fake_mode(), NeutralScalars():
                 x = torch.empty((1, *size), device=device, dtype=dtype)
@@ -385,7 +389,7 @@ class _Walker:
         except Exception as e:
             return short_error(e)
         finally:
-            nn.Module.__call__ = MODULE_CALL
+            nn.Module.__call__ = MODULE_CALL  # type: ignore[method-assign]
         return None
 
 
@@ -425,12 +429,13 @@ def trace_model(model: nn.Module, input_size: tuple[int, int, int], *, canonical
         paths.setdefault(id(memo[id(m)]), name)
     walker = _Walker(copy, paths, opts, leaves, fns)
     device, dtype = _device_dtype(model)
-    stopped = walker.run(tuple(input_size), ("shape", "tensor"), device, dtype)
+    size = cast(tuple[int, int, int], tuple(input_size))
+    stopped = walker.run(size, ("shape", "tensor"), device, dtype)
     if canonical_size is not None and tuple(canonical_size) != tuple(input_size) and stopped is None:
         # Strides at the canonical size only: what fails there (a model made for one
         # size) leaves the graphs and their errors as the user's size found them.
         kept = {id(g): (g.error, g.calls) for g in walker.graphs.values()}
-        walker.run(tuple(canonical_size), ("canon_shape", "canon_tensor"), device, dtype)
+        walker.run(cast(tuple[int, int, int], tuple(canonical_size)), ("canon_shape", "canon_tensor"), device, dtype)
         for g in list(walker.graphs.values()):
             if id(g) in kept:
                 g.error, g.calls = kept[id(g)]
@@ -441,4 +446,4 @@ def trace_model(model: nn.Module, input_size: tuple[int, int, int], *, canonical
             for n in g.graph.nodes if g.graph is not None else ():
                 if "shape" in n.meta:
                     n.meta["canon_shape"] = n.meta["shape"]
-    return ModelGraphs(copy, list(walker.graphs.values()), tuple(input_size), stopped)
+    return ModelGraphs(copy, list(walker.graphs.values()), size, stopped)

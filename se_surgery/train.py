@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -106,7 +107,7 @@ def folder_data(root: str | os.PathLike, size: int = 224, seed: int = 0) -> tupl
         Traceback (most recent call last):
         ...
         se_surgery.errors.MissingFileError: --data '/no/such/dir': not a directory (give an ImageFolder directory, or 'digits')
-    """
+    """  # noqa: E501 - doctest output must match verbatim
     r = Path(root)
     if not r.is_dir():
         raise MissingFileError(f"--data {str(root)!r}: not a directory (give an ImageFolder directory, or 'digits')")
@@ -189,6 +190,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise MissingFileError(f"--weights {str(path)!r}: no such file")
+    state: Any  # torch.load gives any object; checked below
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -356,7 +358,8 @@ def train(model: nn.Module, dataset, optimizer, d: Dist, *, epochs: int, batch_s
         >>> train(net, data, opt, Dist("cpu"), epochs=2, batch_size=4, progress=False)
         4
     """
-    sampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed)
+    sampler: DistributedSampler[int] = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=True,
+                                                          seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=d.device.type == "cuda")
     total = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))

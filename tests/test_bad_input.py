@@ -20,8 +20,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 import se_surgery
-from se_surgery import (AlreadyPatchedError, CheckpointError, MissingFileError, ModelTypeError, PlanError,
-                        RuleError, TraceError)
+from se_surgery import (
+    AlreadyPatchedError,
+    CheckpointError,
+    MissingFileError,
+    ModelTypeError,
+    PlanError,
+    RuleError,
+    TraceError,
+)
 from se_surgery.cli import load_weights, main
 from se_surgery.rules import OPTION_KEYS, RULE_KEYS, SELECT_KEYS, TOP_KEYS, Rules
 
