@@ -16,7 +16,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -46,6 +46,22 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
             path.append("_orig_mod")
         else:
             return model, ".".join(path)
+
+
+def read_tensor_file(path: Path) -> Any:
+    """What a local weights file holds: safetensors, or ``torch.load`` with
+    ``weights_only=True`` (no pickled code runs), unwrapped from a ``{"state_dict": ...}``
+    or ``{"model": ...}`` dict. Raises whatever the loader raises; callers say which file.
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
 
 
 def _strip_prefix(name: str, prefix: str) -> str:

@@ -110,15 +110,10 @@ def load_weights(model: nn.Module, path: str, *, hint: str = "") -> None:
         raise MissingFileError(f"weights file {_short(path)!r} is a directory; give a .safetensors or torch.save file")
     if not found:
         raise MissingFileError(f"weights file {_short(path)!r} not found")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from .checkpoint import read_tensor_file
 
-            state = load_file(str(p))
-        else:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-                state = state["state_dict"]
+    try:
+        state = read_tensor_file(p)
     except Exception as e:  # noqa: BLE001 - any loader failure means the file is not a usable checkpoint
         raise CheckpointError(
             f"cannot load weights from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None

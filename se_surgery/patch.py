@@ -110,8 +110,8 @@ def swap(model: nn.Module, patches: list[OwnerPatch]) -> None:
         >>> import torch
         >>> from torch import nn
         >>> m = nn.Sequential(nn.ReLU())
-        >>> src = source_of(fx.symbolic_trace(lambda x: x + 1).graph).replace("forward(self, x)", "forward(self, x)")
-        >>> swap(m, [OwnerPatch("", patched_class(nn.Sequential, src, ()))])
+        >>> source, _ = source_of(fx.symbolic_trace(lambda x: x + 1).graph)
+        >>> swap(m, [OwnerPatch("", patched_class(nn.Sequential, source, ()))])
         >>> isinstance(m, nn.Sequential), m(torch.zeros(1)).item()
         (True, 1.0)
     """

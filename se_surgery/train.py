@@ -191,16 +191,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise MissingFileError(f"--weights {str(path)!r}: no such file")
     state: Any  # torch.load gives any object; checked below
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from .checkpoint import read_tensor_file
 
-            state = load_file(str(p))
-        else:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-            for key in ("state_dict", "model"):
-                if isinstance(state, dict) and isinstance(state.get(key), dict):
-                    state = state[key]
+    try:
+        state = read_tensor_file(p)
     except Exception as e:  # noqa: BLE001 - safetensors, pickle and zip errors share no base class
         raise CheckpointError(f"--weights {path}: cannot read it ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
