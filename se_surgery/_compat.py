@@ -14,12 +14,14 @@ from torch import nn
 
 __all__ = [
     "FakeTensor", "FakeTensorMode", "unset_fake_temporarily", "PH", "format_import_block", "exec_source",
-    "timm_registries", "MODULE_CALL",
+    "timm_registries", "MODULE_CALL", "TorchDispatchMode", "pytree_info", "plain_codegen", "process_inputs",
+    "is_op_overload", "orig_mod",
 ]
 
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily  # noqa: E402
 from torch.fx._symbolic_trace import PH  # noqa: E402  (placeholder marker for concrete_args lists)
 from torch.fx.graph_module import _format_import_block, sys_importer  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 # nn.Module.__call__ as torch defines it; the shape pass swaps in its own dispatcher
 # for the duration of one fake forward, as torch.fx's own tracer does.
@@ -76,3 +78,30 @@ def is_compiled_wrapper(m: nn.Module) -> bool:
 def from_tensor(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
     """A fake tensor (shape, dtype, device; no data) standing for ``t``; parameters stay parameters."""
     return mode.from_tensor(t, static_shapes=True)
+
+
+def pytree_info(graph) -> Any:
+    """fx's record of how a graph flattens list/dict inputs (None for plain inputs)."""
+    return getattr(graph._codegen, "pytree_info", None)
+
+
+def plain_codegen(graph) -> bool:
+    """Whether the graph's inputs are plain placeholders (no pytree flattening)."""
+    import torch.fx as fx
+
+    return type(graph._codegen) is fx.graph.CodeGen
+
+
+def process_inputs(graph, *args) -> list:
+    """A call's arguments as the graph's flat placeholders."""
+    return list(graph._codegen.process_inputs(*args))
+
+
+def is_op_overload(fn) -> bool:
+    return isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+
+
+def orig_mod(m: nn.Module) -> nn.Module | None:
+    """The model inside ``torch.compile``'s wrapper, or None."""
+    inner = getattr(m, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None

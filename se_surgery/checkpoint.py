@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ._compat import orig_mod
 from .errors import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError, RuleError, SESurgeryWarning
 from .insert import build_patches
 from .patch import base_class, swap
@@ -41,8 +42,8 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
             path.append("module")
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = cast(nn.Module, model._orig_mod)
+        elif orig_mod(model) is not None:
+            model = cast(nn.Module, orig_mod(model))
             path.append("_orig_mod")
         else:
             return model, ".".join(path)

@@ -13,9 +13,8 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._compat import FakeTensor, FakeTensorMode, from_tensor
+from ._compat import FakeTensor, FakeTensorMode, TorchDispatchMode, from_tensor
 
 __all__ = ["fake_mode", "structural_copy", "NeutralScalars"]
 

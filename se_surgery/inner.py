@@ -14,6 +14,7 @@ from typing import Any, cast
 import torch.fx as fx
 from torch import nn
 
+from ._compat import plain_codegen
 from .nodes import GraphView, is_activation_module
 from .trace import ModuleGraph
 
@@ -52,7 +53,7 @@ def _candidates(view: GraphView, nodes, chain: tuple, views: dict, depth: int = 
         g = view.graphs.get(id(m))
         sub = views.get(id(g)) if g is not None else None
         # Only graphs that inline cleanly: traced, plain inputs, no stored constants.
-        if sub is not None and depth < 8 and not g.error and type(g.graph._codegen) is fx.graph.CodeGen \
+        if sub is not None and depth < 8 and not g.error and plain_codegen(g.graph) \
                 and not g.constants and mg is not g:
             yield from _candidates(sub, [x for x in g.graph.nodes if x.op not in ("placeholder", "output")],
                                    chain + ((n, view),), views, depth + 1)

@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ._compat import is_op_overload, pytree_info
 from .trace import ModuleGraph
 
 __all__ = ["is_add", "is_cat", "is_join", "add_operands", "shape", "tensor_inputs", "ancestors", "GraphView",
@@ -125,7 +126,7 @@ def is_split(n: fx.Node) -> bool:
 def _is_torch_function(fn) -> bool:
     mod = getattr(fn, "__module__", None) or ""
     return fn is getattr or mod in ("_operator", "operator", "builtins", "math", "torch") \
-        or mod.startswith(("torch.", "torch._")) or isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+        or mod.startswith(("torch.", "torch._")) or is_op_overload(fn)
 
 
 def is_activation_module(m: nn.Module) -> bool:
@@ -163,7 +164,7 @@ class GraphView:
         argument, flattened into placeholders, share it)."""
         if self._args is None:
             phs = [p for p in self.mg.graph.nodes if p.op == "placeholder"]
-            info = getattr(self.mg.graph._codegen, "pytree_info", None)
+            info = pytree_info(self.mg.graph)
             sizes = [1] * len(phs)
             if info is not None:
                 spec = info.in_spec

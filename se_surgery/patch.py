@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch.fx as fx
 from torch import nn
 
-from ._compat import exec_source, format_import_block
+from ._compat import exec_source, format_import_block, pytree_info
 
 __all__ = ["OwnerPatch", "patched_class", "swap", "unpatch", "is_patched_module", "base_class"]
 
@@ -80,7 +80,7 @@ def source_of(graph: fx.Graph) -> tuple[str, dict]:
     forward that takes lists)."""
     code = graph.python_code("self")
     attrs = {}
-    info = getattr(graph._codegen, "pytree_info", None)
+    info = pytree_info(graph)
     if info is not None:
         attrs = {"_in_spec": info.in_spec, "_out_spec": info.out_spec}
     return format_import_block(code.globals) + "\n" + code.src, attrs

@@ -22,7 +22,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ._compat import MODULE_CALL, PH, is_compiled_wrapper, timm_registries, unset_fake_temporarily
+from ._compat import (
+    MODULE_CALL,
+    PH,
+    is_compiled_wrapper,
+    orig_mod,
+    process_inputs,
+    timm_registries,
+    unset_fake_temporarily,
+)
 from .errors import ModelTypeError, TraceError
 from .fake import NeutralScalars, fake_mode, structural_copy
 
@@ -311,7 +319,7 @@ class _Walker:
         if id(m) not in self.paths:
             return MODULE_CALL(m, *args, **kwargs)  # a module the forward made on the fly
         if is_compiled_wrapper(m):
-            return self.dispatch(cast(nn.Module, m._orig_mod), args, kwargs)
+            return self.dispatch(cast(nn.Module, orig_mod(m)), args, kwargs)
         if _is_layer(m):
             return m.forward(*args, **kwargs)
         mg = self.graphs.get(id(m))
@@ -367,7 +375,7 @@ class _Walker:
             return list(args)
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
-        return list(mg.graph._codegen.process_inputs(*(bound.arguments[n] for n in sig.parameters)))
+        return process_inputs(mg.graph, *(bound.arguments[n] for n in sig.parameters))
 
     def run(self, size: tuple[int, int, int], keys: tuple[str, str], device, dtype) -> str | None:
         """One fake forward at ``size``; the reason it stopped, or None."""
