@@ -331,7 +331,7 @@ def discover(model: nn.Module, input_size=None, *, tracer_kwargs=None) -> Discov
             rejected.append((f"{f['graph'].path or '<model>'}:{n.name}", "inner part of a sum of branches"))
             continue
         outer.append(f)
-    return Discovery(_name_and_number(model, outer, canonical, views), size,
+    return Discovery(_name_and_number(model, outer, mg.stride_size or size, views), size,
                      mg.untraced() + list(blocked.items())
                      + ([("<model>", f"the forward stopped: {mg.stopped}")] if mg.stopped else []),
                      rejected, mg, mg.stopped)

@@ -249,6 +249,7 @@ class ModelGraphs:
     graphs: list[ModuleGraph]
     input_size: tuple[int, int, int]
     stopped: str | None = None  # why the model's fake forward did not finish, if it did not
+    stride_size: tuple[int, int, int] | None = None  # the input size node.meta["canon_shape"] is at
 
     def untraced(self) -> list[tuple[str, str]]:
         """(path, reason) of every module whose own forward could not be searched for joins."""
@@ -408,14 +409,29 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
+_JOINS = {"add", "iadd", "cat", "concat", "concatenate"}
+
+
+def _collapsed(graphs) -> bool:
+    """Whether some 4-D add or cat came out 1 pixel high or wide (its stride is then unknown)."""
+    for g in graphs:
+        for n in g.graph.nodes if g.graph is not None else ():
+            shape = n.meta.get("shape")
+            name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+            if shape is not None and len(shape) == 4 and name in _JOINS and min(shape[1:]) < 2:
+                return True
+    return False
+
+
 def trace_model(model: nn.Module, input_size: tuple[int, int, int], *, canonical_size=None,
                 tracer_kwargs=None) -> ModelGraphs:
     """Trace every module ``model`` calls and give each graph node its shape.
 
     Nothing of ``model`` runs or changes: the forward runs on a structural copy with
-    fake tensors and no hooks. With ``canonical_size``, a second fake forward at that
-    size stores shapes under ``node.meta["canon_shape"]`` (for strides that do not
-    depend on ``input_size``).
+    fake tensors and no hooks. Each node's ``meta["canon_shape"]`` is its shape at
+    ``canonical_size`` (for strides that do not depend on ``input_size``): where some
+    join's map has shrunk to a single pixel at ``input_size``, input size / map size no
+    longer tells the stride, so a second fake forward at ``canonical_size`` measures it.
 
     Example:
         >>> import torchvision
@@ -439,11 +455,14 @@ def trace_model(model: nn.Module, input_size: tuple[int, int, int], *, canonical
     device, dtype = _device_dtype(model)
     size = cast(tuple[int, int, int], tuple(input_size))
     stopped = walker.run(size, ("shape", "tensor"), device, dtype)
-    if canonical_size is not None and tuple(canonical_size) != tuple(input_size) and stopped is None:
+    measured = size  # the input size "canon_shape" was measured at
+    if canonical_size is not None and tuple(canonical_size) != tuple(input_size) and stopped is None \
+            and _collapsed(walker.graphs.values()):
         # Strides at the canonical size only: what fails there (a model made for one
         # size) leaves the graphs and their errors as the user's size found them.
         kept = {id(g): (g.error, g.calls) for g in walker.graphs.values()}
-        walker.run(cast(tuple[int, int, int], tuple(canonical_size)), ("canon_shape", "canon_tensor"), device, dtype)
+        measured = cast(tuple[int, int, int], tuple(canonical_size))
+        walker.run(measured, ("canon_shape", "canon_tensor"), device, dtype)
         for g in list(walker.graphs.values()):
             if id(g) in kept:
                 g.error, g.calls = kept[id(g)]
@@ -454,4 +473,4 @@ def trace_model(model: nn.Module, input_size: tuple[int, int, int], *, canonical
             for n in g.graph.nodes if g.graph is not None else ():
                 if "shape" in n.meta:
                     n.meta["canon_shape"] = n.meta["shape"]
-    return ModelGraphs(copy, list(walker.graphs.values()), size, stopped)
+    return ModelGraphs(copy, list(walker.graphs.values()), size, stopped, measured)
