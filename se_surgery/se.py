@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops.fused import _se_join as _se_join_op
+from .ops.fused import se_join_into
+
 __all__ = ["SqueezeExcite", "hidden_channels"]
 
 SQUEEZES = ("avg", "max", "avgmax")
@@ -139,15 +142,53 @@ class SqueezeExcite(nn.Module):
         g = self._excite(x)
         return g * self.gate_scale if self.gate_scale != 1.0 else g
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
+    #: False selects the pre-fused composite path (aten ops only); the benchmarks compare both.
+    use_fused: bool = True
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, inplace: bool = False,
+                act: str | None = None) -> torch.Tensor:
+        """``x * gate(x)``, or ``skip + x * gate(x)`` when ``skip`` is given, then ``act``.
+
+        Args:
+            x: the map to scale.
+            skip: the residual the scaled map is added to (the ``standard`` variant's join).
+            inplace: the caller guarantees nothing else reads ``x``: in inference the result
+                is written into ``x`` (no new activation).
+            act: None or ``"relu"``: the join's activation, folded into the same pass.
+
+        One ``se_surgery::se_join`` op computes everything (Triton kernels on CUDA); ONNX
+        export, and ``use_fused = False``, take the equivalent aten composite.
+        """
+        if act not in (None, "relu"):
+            raise ValueError(f"act must be None or 'relu', got {act!r}")
+        if not self.use_fused or torch.onnx.is_in_onnx_export():
+            return self._forward_composite(x, skip, inplace, act)
+        fc1, fc2 = self.fc1, self.fc2
+        args = (fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_dim, self.squeeze, self.gate_fn,
+                float(self.gate_scale), act or "none")
+        if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+                or type(x) is not torch.Tensor
+                or (torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad
+                                                 or fc2.weight.requires_grad
+                                                 or (skip is not None and skip.requires_grad)))):
+            return _se_join_op(x, skip, *args)
+        # Eager and nothing needs a gradient: the op's own kernels, called without the
+        # dispatcher (which costs about 20 us a call, as much as the whole SE at batch 1 on CPU).
+        # With ``inplace`` the branch is a fresh tensor only this join reads (decided at
+        # insertion): the result is written there, no new activation.
+        return se_join_into(x if inplace else None, x, skip, *args)
+
+    def _forward_composite(self, x: torch.Tensor, skip: torch.Tensor | None, inplace: bool,
+                           act: str | None) -> torch.Tensor:
         if skip is None:
-            return x * self.gate(x)
+            y = x * self.gate(x)
+            return torch.relu_(y) if act == "relu" else y
         # skip + x * gate_scale * g in one pass; gate_scale (2 for identity init) rides
         # on addcmul's ``value``: 2 * x * 0.5 is exactly x, so identity init stays exact.
         g = self._excite(x)
         if (inplace and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing()):
-            # The branch is a fresh conv/norm output that only this join reads (decided at
-            # insertion) and no autograd needs it: write the result there (no new activation).
-            return torch.addcmul(skip, x, g, value=self.gate_scale, out=x)
-        return torch.addcmul(skip, x, g, value=self.gate_scale)
+            y = torch.addcmul(skip, x, g, value=self.gate_scale, out=x)
+        else:
+            y = torch.addcmul(skip, x, g, value=self.gate_scale)
+        return torch.relu_(y) if act == "relu" else y
