@@ -5,4 +5,4 @@ Triton (:mod:`.triton_kernels`) is imported only when a CUDA tensor reaches the 
 
 from .fused import composite_backward, composite_forward, se_join
 
-__all__ = ["se_join", "composite_forward", "composite_backward"]
+__all__ = ["composite_backward", "composite_forward", "se_join"]

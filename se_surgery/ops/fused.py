@@ -20,13 +20,11 @@ What one call computes, for ``x`` of shape (N, C, H, W) (``channel_dim=1``, cont
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["se_join", "se_join_into", "composite_forward", "composite_backward", "SQUEEZES", "GATES", "ACTS"]
+__all__ = ["ACTS", "GATES", "SQUEEZES", "composite_backward", "composite_forward", "se_join", "se_join_into"]
 
 SQUEEZES = ("avg", "max", "avgmax")
 GATES = ("sigmoid", "hard_sigmoid")
@@ -57,7 +55,7 @@ def _squeeze(x: Tensor, channel_dim: int, squeeze: str) -> Tensor:
     return 0.5 * (x.mean(dims) + x.amax(dims))
 
 
-def _excite(s: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor]):
+def _excite(s: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None):
     """(pre-activation of fc1, hidden after ReLU, pre-gate logits), all (N, *)."""
     s = s.to(w1.dtype)
     z1 = F.linear(s, _mat(w1), b1)
@@ -69,9 +67,9 @@ def _gate(z: Tensor, gate: str) -> Tensor:
     return torch.sigmoid(z) if gate == "sigmoid" else F.hardsigmoid(z)
 
 
-def composite_forward(x: Tensor, skip: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                      b2: Optional[Tensor], channel_dim: int, squeeze: str, gate: str, gate_scale: float,
-                      act: str, out: Optional[Tensor] = None) -> Tensor:
+def composite_forward(x: Tensor, skip: Tensor | None, w1: Tensor, b1: Tensor | None, w2: Tensor,
+                      b2: Tensor | None, channel_dim: int, squeeze: str, gate: str, gate_scale: float,
+                      act: str, out: Tensor | None = None) -> Tensor:
     """The op's CPU implementation: plain aten ops, as few dispatches as the math allows.
 
     ``out`` (for example ``x`` itself, when nothing else reads it) receives the result; by
@@ -102,8 +100,8 @@ def composite_forward(x: Tensor, skip: Optional[Tensor], w1: Tensor, b1: Optiona
     return out.relu_() if act == "relu" else out
 
 
-def composite_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], w1: Tensor, b1: Optional[Tensor],
-                       w2: Tensor, b2: Optional[Tensor], channel_dim: int, squeeze: str, gate: str,
+def composite_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, b1: Tensor | None,
+                       w2: Tensor, b2: Tensor | None, channel_dim: int, squeeze: str, gate: str,
                        gate_scale: float, act: str, has_skip: bool):
     """Gradients of :func:`composite_forward`: (dx, dskip, dw1, db1, dw2, db2).
 
@@ -159,8 +157,8 @@ def _use_triton(x: Tensor) -> bool:
 
 
 @torch.library.custom_op("se_surgery::se_join", mutates_args=())
-def _se_join(x: Tensor, skip: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-             b2: Optional[Tensor], channel_dim: int, squeeze: str, gate: str, gate_scale: float,
+def _se_join(x: Tensor, skip: Tensor | None, w1: Tensor, b1: Tensor | None, w2: Tensor,
+             b2: Tensor | None, channel_dim: int, squeeze: str, gate: str, gate_scale: float,
              act: str) -> Tensor:
     if _use_triton(x):
         from . import triton_kernels
@@ -175,8 +173,8 @@ def _se_join_fake(x, skip, w1, b1, w2, b2, channel_dim, squeeze, gate, gate_scal
 
 
 @torch.library.custom_op("se_surgery::se_join_backward", mutates_args=())
-def _se_join_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], w1: Tensor, b1: Optional[Tensor],
-                      w2: Tensor, b2: Optional[Tensor], channel_dim: int, squeeze: str, gate: str,
+def _se_join_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, b1: Tensor | None,
+                      w2: Tensor, b2: Tensor | None, channel_dim: int, squeeze: str, gate: str,
                       gate_scale: float, act: str, has_skip: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
                                                                               Tensor, Tensor]:
     if _use_triton(x):
@@ -222,9 +220,9 @@ def _backward(ctx, grad):
 _se_join.register_autograd(_backward, setup_context=_setup_context)
 
 
-def se_join(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], *,
-            skip: Optional[Tensor] = None, channel_dim: int = 1, squeeze: str = "avg", gate: str = "sigmoid",
-            gate_scale: float = 1.0, act: Optional[str] = None) -> Tensor:
+def se_join(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, *,
+            skip: Tensor | None = None, channel_dim: int = 1, squeeze: str = "avg", gate: str = "sigmoid",
+            gate_scale: float = 1.0, act: str | None = None) -> Tensor:
     """One whole SE join as one op: ``act(skip + x * gate_scale * gate(fc2(relu(fc1(squeeze(x))))))``.
 
     Args:
@@ -268,8 +266,8 @@ def se_join(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optiona
     return _se_join(x, skip, w1, b1, w2, b2, channel_dim, squeeze, gate, float(gate_scale), act or "none")
 
 
-def se_join_into(out: Optional[Tensor], x: Tensor, skip: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                 b2: Optional[Tensor], channel_dim: int, squeeze: str, gate: str, gate_scale: float,
+def se_join_into(out: Tensor | None, x: Tensor, skip: Tensor | None, w1: Tensor, b1: Tensor | None, w2: Tensor,
+                 b2: Tensor | None, channel_dim: int, squeeze: str, gate: str, gate_scale: float,
                  act: str) -> Tensor:
     """The op's kernels without the op (no autograd, no dispatcher): eager inference only.
 

@@ -21,14 +21,12 @@ that is how the tests check the kernels on machines without a GPU.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["se_forward", "se_backward"]
+__all__ = ["se_backward", "se_forward"]
 
 _SQUEEZE_CODE = {"avg": 0, "max": 1, "avgmax": 2}
 
@@ -272,9 +270,9 @@ def _mats(w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
     return w1.reshape(w1.shape[0], -1).contiguous(), w2.reshape(w2.shape[0], -1).contiguous()
 
 
-def se_forward(x: Tensor, skip: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-               b2: Optional[Tensor], channel_dim: int, squeeze: str, gate: str, gate_scale: float, act: str,
-               out: Optional[Tensor] = None) -> Tensor:
+def se_forward(x: Tensor, skip: Tensor | None, w1: Tensor, b1: Tensor | None, w2: Tensor,
+               b2: Tensor | None, channel_dim: int, squeeze: str, gate: str, gate_scale: float, act: str,
+               out: Tensor | None = None) -> Tensor:
     """Forward of ``se_surgery::se_join`` with the Triton kernels (arguments as the op's).
 
     ``out`` may be ``x`` itself (each element is read before it is written by the same
@@ -285,7 +283,7 @@ def se_forward(x: Tensor, skip: Optional[Tensor], w1: Tensor, b1: Optional[Tenso
     x, (sxn, sxc, sxhw) = _strides(x, channel_dim)
     w1m, w2m = _mats(w1, w2)
     hid = w1m.shape[0]
-    f32 = dict(device=x.device, dtype=torch.float32)
+    f32 = {"device": x.device, "dtype": torch.float32}
     do_mean, do_max = squeeze != "max", squeeze != "avg"
     mean = torch.empty((n, c), **f32) if do_mean else torch.empty(0, **f32)
     amax = torch.empty((n, c), **f32) if do_max else torch.empty(0, **f32)
@@ -313,8 +311,8 @@ def se_forward(x: Tensor, skip: Optional[Tensor], w1: Tensor, b1: Optional[Tenso
     return out
 
 
-def se_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-                b2: Optional[Tensor], channel_dim: int, squeeze: str, gate: str, gate_scale: float, act: str,
+def se_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, b1: Tensor | None, w2: Tensor,
+                b2: Tensor | None, channel_dim: int, squeeze: str, gate: str, gate_scale: float, act: str,
                 has_skip: bool):
     """Backward of ``se_surgery::se_join`` with the Triton kernels: (dx, dskip, dw1, db1, dw2, db2).
 
@@ -332,7 +330,7 @@ def se_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], w1: Tensor, b1: 
         out, (son, soc, sohw) = x, (0, 0, 0)
     w1m, w2m = _mats(w1, w2)
     hid = w1m.shape[0]
-    f32 = dict(device=x.device, dtype=torch.float32)
+    f32 = {"device": x.device, "dtype": torch.float32}
     do_mean, do_max = squeeze != "max", squeeze != "avg"
     dg = torch.empty((n, c), **f32)
     mean = torch.empty((n, c), **f32) if do_mean else torch.empty(0, **f32)
