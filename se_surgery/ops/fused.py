@@ -117,7 +117,8 @@ def composite_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, 
         [torch.Size([1, 4, 2, 2]), torch.Size([2, 4]), torch.Size([4, 2])]
     """
     dims = _dims(channel_dim)
-    dy = grad if act != "relu" else torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype))
+    # threshold_backward is ReLU's own backward: one pass, zero where out <= 0.
+    dy = grad if act != "relu" else torch.ops.aten.threshold_backward(grad, out, 0)
     mean = x.mean(dims) if squeeze != "max" else None
     amax = x.amax(dims) if squeeze != "avg" else None
     s = mean if amax is None else amax if mean is None else 0.5 * (mean + amax)
@@ -133,20 +134,24 @@ def composite_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, 
     dz1 = torch.where(z1 > 0, dz2 @ _mat(w2), torch.zeros((), dtype=dz2.dtype))
     dw1 = dz1.t() @ s.to(w1.dtype)
     ds = (dz1 @ _mat(w1)).to(x.dtype)
-    dx = dy * _bcast((gate_scale * g).to(x.dtype), channel_dim)
-    hw = x.shape[dims[0]] * x.shape[dims[1]]
-    if squeeze != "max":
-        dx = dx + _bcast(ds * ((0.5 if squeeze == "avgmax" else 1.0) / hw), channel_dim)
+    gs = _bcast((gate_scale * g).to(x.dtype), channel_dim)
+    half = 0.5 if squeeze == "avgmax" else 1.0
+    dx = torch.empty_like(x)
+    if squeeze == "max":
+        torch.mul(dy, gs, out=dx)
+    else:
+        # dy * gate + the mean's gradient, broadcast over H, W in the same pass.
+        hw = x.shape[dims[0]] * x.shape[dims[1]]
+        torch.addcmul(_bcast(ds * (half / hw), channel_dim), dy, gs, out=dx)
     if squeeze != "avg":
         # amax's gradient is shared evenly by tied maxima, as torch.amax's backward does.
         hit = x == _bcast(amax, channel_dim)
         cnt = hit.sum(dims, dtype=ds.dtype)
-        dmax = ds * (0.5 if squeeze == "avgmax" else 1.0) / cnt
-        dx = dx + hit * _bcast(dmax, channel_dim)
+        dx.add_(hit * _bcast(ds * half / cnt, channel_dim))
     dskip = dy if (has_skip and act == "relu") else _NONE
     db1 = dz1.sum(0).to(b1.dtype) if b1 is not None else _NONE
     db2 = dz2.sum(0).to(b2.dtype) if b2 is not None else _NONE
-    return (dx.to(x.dtype), dskip, dw1.reshape(w1.shape).to(w1.dtype), db1,
+    return (dx, dskip, dw1.reshape(w1.shape).to(w1.dtype), db1,
             dw2.reshape(w2.shape).to(w2.dtype), db2)
 
 
