@@ -143,6 +143,19 @@ def test_opcheck(args):
     torch.library.opcheck(fused._se_join, args())
 
 
+def test_wider_skip_promotes_like_the_composite():
+    xb, _, w1, b1, w2, b2 = make("channels_last", dtype=torch.bfloat16)
+    skip = make("channels_last")[1]
+    kw = {"squeeze": "avgmax", "act": "relu", "gate_scale": 2.0}
+    got = se_join(xb, w1, b1, w2, b2, skip=skip, **kw)
+    want = reference(xb, skip, w1, b1, w2, b2, **kw)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
+    assert_all_close(grads(got, [xb, skip, w1, b1, w2, b2]), grads(want, [xb, skip, w1, b1, w2, b2]),
+                     GRAD_TOL[torch.bfloat16])
+    torch.library.opcheck(fused._se_join, (xb, skip, w1, b1, w2, b2, 1, "avgmax", "sigmoid", 2.0, "relu"))
+
+
 def test_max_squeeze_shares_gradient_between_ties():
     x = torch.zeros(1, 2, 2, 2)
     x[0, 0] = torch.tensor([[1.0, 3.0], [3.0, 0.0]])  # two maxima in channel 0
@@ -334,6 +347,12 @@ _INTERP_SCRIPT = textwrap.dedent("""
         g = "hard_sigmoid" if hard else "sigmoid"
         y = K.se_forward(x, skip, w1, b1, w2, b2, 1, "avgmax", g, 2.0, "relu")
         out[f"identity-{g}"] = bool(torch.equal(y, torch.relu(skip + x)))
+    from se_surgery.ops import fused
+    xb = x.bfloat16()  # a bfloat16 branch, a float32 skip, float32 FCs: as under autocast
+    pos = (1, "avg", "sigmoid", 1.0, "none")
+    fcs = [t.detach() for t in ident[2:]]
+    y, r = K.se_forward(xb, skip, *fcs, *pos), fused.composite_forward(xb, skip, *fcs, *pos)
+    out["promote"] = y.dtype == r.dtype == torch.float32 and bool(torch.allclose(y, r, atol=2e-2, rtol=2e-2))
     print(json.dumps(out))
 """)
 
@@ -367,6 +386,10 @@ def test_triton_keeps_layout_and_can_write_in_place(interpreted):
 
 def test_triton_identity_init_is_exact(interpreted):
     assert interpreted["identity-sigmoid"] and interpreted["identity-hard_sigmoid"]
+
+
+def test_triton_wider_skip_promotes(interpreted):
+    assert interpreted["promote"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -29,7 +29,6 @@ __all__ = ["ACTS", "GATES", "SQUEEZES", "composite_backward", "composite_forward
 SQUEEZES = ("avg", "max", "avgmax")
 GATES = ("sigmoid", "hard_sigmoid")
 ACTS = (None, "relu")
-_NONE = Tensor()  # placeholder for an absent gradient; the autograd formula maps it to None
 
 
 def _dims(channel_dim: int) -> tuple[int, int]:
@@ -39,6 +38,11 @@ def _dims(channel_dim: int) -> tuple[int, int]:
 def _bcast(g: Tensor, channel_dim: int) -> Tensor:
     """(N, C) -> broadcastable against x."""
     return g[:, :, None, None] if channel_dim == 1 else g[:, None, None, :]
+
+
+def _out_dtype(x: Tensor, skip: Tensor | None) -> torch.dtype:
+    # As ``skip + x * g`` would promote (a float32 skip and a bfloat16 branch under autocast).
+    return x.dtype if skip is None or skip.dtype == x.dtype else torch.promote_types(x.dtype, skip.dtype)
 
 
 def _mat(w: Tensor) -> Tensor:
@@ -89,7 +93,8 @@ def composite_forward(x: Tensor, skip: Tensor | None, w1: Tensor, b1: Tensor | N
     g = z.sigmoid_() if gate == "sigmoid" else F.hardsigmoid(z, inplace=True)
     g = _bcast(g.to(x.dtype), channel_dim)
     if out is None:
-        out = torch.empty_like(x)  # the layout of x (channels_last stays channels_last)
+        # The layout of x (channels_last stays channels_last), exactly as the fake kernel says.
+        out = torch.empty_like(x, dtype=_out_dtype(x, skip))
     if skip is None:
         # gate_scale is folded into the (N, C) gate, never into the big map.
         torch.mul(x, g.mul_(gate_scale) if gate_scale != 1.0 else g, out=out)
@@ -117,8 +122,18 @@ def composite_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, 
         [torch.Size([1, 4, 2, 2]), torch.Size([2, 4]), torch.Size([4, 2])]
     """
     dims = _dims(channel_dim)
-    # threshold_backward is ReLU's own backward: one pass, zero where out <= 0.
-    dy = grad if act != "relu" else torch.ops.aten.threshold_backward(grad, out, 0)
+    dskip = x.new_empty(0)
+    if act == "relu":
+        # threshold_backward is ReLU's own backward: one pass, zero where out <= 0. Where it
+        # is also the skip's gradient it goes in a tensor laid out as the fake kernel says.
+        if has_skip:
+            dskip = torch.empty_like(x, dtype=grad.dtype)
+            dy = torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=dskip)
+        else:
+            dy = torch.ops.aten.threshold_backward(grad, out, 0)
+    else:
+        dy = grad
+    dy = dy if dy.dtype == x.dtype else dy.to(x.dtype)  # a wider skip promoted the output
     mean = x.mean(dims) if squeeze != "max" else None
     amax = x.amax(dims) if squeeze != "avg" else None
     s = mean if amax is None else amax if mean is None else 0.5 * (mean + amax)
@@ -148,9 +163,8 @@ def composite_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, 
         hit = x == _bcast(amax, channel_dim)
         cnt = hit.sum(dims, dtype=ds.dtype)
         dx.add_(hit * _bcast(ds * half / cnt, channel_dim))
-    dskip = dy if (has_skip and act == "relu") else _NONE
-    db1 = dz1.sum(0).to(b1.dtype) if b1 is not None else _NONE
-    db2 = dz2.sum(0).to(b2.dtype) if b2 is not None else _NONE
+    db1 = dz1.sum(0).to(b1.dtype) if b1 is not None else x.new_empty(0)
+    db2 = dz2.sum(0).to(b2.dtype) if b2 is not None else x.new_empty(0)
     return (dx, dskip, dw1.reshape(w1.shape).to(w1.dtype), db1,
             dw2.reshape(w2.shape).to(w2.dtype), db2)
 
@@ -174,7 +188,7 @@ def _se_join(x: Tensor, skip: Tensor | None, w1: Tensor, b1: Tensor | None, w2: 
 
 @_se_join.register_fake
 def _se_join_fake(x, skip, w1, b1, w2, b2, channel_dim, squeeze, gate, gate_scale, act):
-    return torch.empty_like(x)
+    return torch.empty_like(x, dtype=_out_dtype(x, skip))
 
 
 @torch.library.custom_op("se_surgery::se_join_backward", mutates_args=())
@@ -190,16 +204,15 @@ def _se_join_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, b
     else:
         res = composite_backward(grad, x, out, w1, b1, w2, b2, channel_dim, squeeze, gate, gate_scale, act,
                                  has_skip)
-    # A custom op's outputs may not alias its inputs; the placeholder is shared, so copy it.
-    return tuple(t.clone() if t is _NONE else t for t in res)
+    return res
 
 
 @_se_join_backward.register_fake
 def _se_join_backward_fake(grad, x, out, w1, b1, w2, b2, channel_dim, squeeze, gate, gate_scale, act, has_skip):
-    empty = x.new_empty(0)
-    return (torch.empty_like(x), torch.empty_like(x) if has_skip and act == "relu" else empty.clone(),
-            torch.empty_like(w1), torch.empty_like(b1) if b1 is not None else empty.clone(),
-            torch.empty_like(w2), torch.empty_like(b2) if b2 is not None else empty.clone())
+    # Weight gradients come out contiguous whatever the weights' memory format.
+    return (torch.empty_like(x), torch.empty_like(x, dtype=grad.dtype) if has_skip and act == "relu"
+            else x.new_empty(0), w1.new_empty(w1.shape), b1.new_empty(b1.shape) if b1 is not None else x.new_empty(0),
+            w2.new_empty(w2.shape), b2.new_empty(b2.shape) if b2 is not None else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -280,6 +280,9 @@ def se_forward(x: Tensor, skip: Tensor | None, w1: Tensor, b1: Tensor | None, w2
     """
     n, c, h, w = _nchw(x, channel_dim)
     hw = h * w
+    if out is None:  # before x may be made contiguous: the layout the fake kernel promises
+        dtype = x.dtype if skip is None else torch.promote_types(x.dtype, skip.dtype)
+        out = torch.empty_like(x, dtype=dtype)
     x, (sxn, sxc, sxhw) = _strides(x, channel_dim)
     w1m, w2m = _mats(w1, w2)
     hid = w1m.shape[0]
@@ -295,8 +298,6 @@ def se_forward(x: Tensor, skip: Tensor | None, w1: Tensor, b1: Tensor | None, w2
     _excite[(n,)](mean, amax, w1m, b1 if b1 is not None else w1m, w2m, b2 if b2 is not None else w2m, gates, c,
                   hid, float(gate_scale), SQUEEZE=_SQUEEZE_CODE[squeeze], HAS_B1=b1 is not None,
                   HAS_B2=b2 is not None, HARD=gate == "hard_sigmoid", BC=max(16, min(128, 4096 // bh)), BH=bh)
-    if out is None:
-        out = torch.empty_like(x)
     out_t, (son, soc, sohw) = _strides(out, channel_dim)
     has_skip = skip is not None
     if has_skip:
@@ -321,6 +322,9 @@ def se_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, b1: Ten
     """
     n, c, h, w = _nchw(x, channel_dim)
     hw = h * w
+    dx_final = torch.empty_like(x)
+    store_dskip = has_skip and act == "relu"
+    dskip = torch.empty_like(x, dtype=grad.dtype) if store_dskip else x.new_empty(0)
     x, (sxn, sxc, sxhw) = _strides(x, channel_dim)
     grad, (sgn, sgc, sghw) = _strides(grad, channel_dim)
     relu = act == "relu"
@@ -346,15 +350,20 @@ def se_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, b1: Ten
                       gs, dz2, hbuf, dz1, ds, c, hid, float(gate_scale), SQUEEZE=_SQUEEZE_CODE[squeeze],
                       HAS_B1=b1 is not None, HAS_B2=b2 is not None, HARD=gate == "hard_sigmoid",
                       BC=max(16, min(128, 4096 // bh)), BH=bh)
-    dx = torch.empty_like(x)
-    dx, (sdn, sdc, sdhw) = _strides(dx, channel_dim)
-    store_dskip = has_skip and relu
-    dskip = torch.empty_like(dx) if store_dskip else dx.new_empty(0)
+    dx, (sdn, sdc, sdhw) = _strides(dx_final, channel_dim)
+    dskip_t = _strides(dskip, channel_dim)[0] if store_dskip else dx
+    if store_dskip and dskip_t.stride() != dx.stride():
+        dskip_t = torch.empty_like(dx, dtype=grad.dtype)  # one layout for both: they share the strides
     half = squeeze == "avgmax"
     _dx[(n, triton.cdiv(c, bc), triton.cdiv(hw, bhw))](
-        grad, x, out, dx, dskip if store_dskip else dx, gs, ds, amax, cnt, c, hw, sgn, sgc, sghw,
+        grad, x, out, dx, dskip_t, gs, ds, amax, cnt, c, hw, sgn, sgc, sghw,
         sxn, sxc, sxhw, son, soc, sohw, sdn, sdc, sdhw, (0.5 if half else 1.0) / hw, 0.5 if half else 1.0,
         RELU=relu, STORE_DSKIP=store_dskip, DO_MEAN=do_mean, DO_MAX=do_max, BC=bc, BHW=bhw)
+    if dx is not dx_final:  # H, W strides that do not fold: written contiguous, copied back
+        dx_final.copy_(dx)
+    if store_dskip and dskip_t is not dskip:
+        dskip.copy_(dskip_t)
+    dx = dx_final
     # The FC weight gradients are (N, C) x (N, hidden) products: two small GEMMs.
     s = mean if squeeze == "avg" else amax if squeeze == "max" else 0.5 * (mean + amax)
     empty = x.new_empty(0)
