@@ -95,10 +95,13 @@ def _logits(w2_ptr, b2_ptr, h, c, cm, hh, hm, HID, HAS_B2: tl.constexpr):
 @triton.jit
 def _gate_of(z, HARD: tl.constexpr):
     if HARD:
-        # torch's hardsigmoid: relu6(z + 3) / 6 (exactly 0.5 at 0, like the sigmoid).
-        g = tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
+        # torch's hardsigmoid, relu6(z + 3) / 6, as a product: fp32 division on the GPU is
+        # approximate, and 3 * fl(1/6) rounds to exactly 0.5 (identity init needs g(0) = 0.5).
+        g = tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) * (1.0 / 6.0)
     else:
-        g = tl.sigmoid(z)
+        # tl.sigmoid uses the GPU's approximate exp and division; pin g(0) = 0.5 exactly so
+        # identity init (zero logits, gate_scale 2) gives a gate of exactly 1.
+        g = tl.where(z == 0.0, 0.5, tl.sigmoid(z))
     return g
 
 
