@@ -280,6 +280,13 @@ def se_forward(x: Tensor, skip: Tensor | None, w1: Tensor, b1: Tensor | None, w2
 
     ``out`` may be ``x`` itself (each element is read before it is written by the same
     program). Runs on CUDA tensors, or on CPU tensors with ``TRITON_INTERPRET=1``.
+
+    Example (needs a GPU, or CPU tensors with ``TRITON_INTERPRET=1`` set before import):
+        >>> from se_surgery.ops import composite_forward
+        >>> if torch.cuda.is_available():
+        ...     x, w1, w2 = (torch.randn(*s, device="cuda") for s in ((2, 8, 4, 4), (2, 8), (8, 2)))
+        ...     args = (None, w1, None, w2, None, 1, "avg", "sigmoid", 1.0, "none")
+        ...     assert torch.allclose(se_forward(x, *args), composite_forward(x, *args), atol=1e-5)
     """
     n, c, h, w = _nchw(x, channel_dim)
     hw = h * w
@@ -322,6 +329,14 @@ def se_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, b1: Ten
 
     Same contract as :func:`se_surgery.ops.fused.composite_backward` (empty tensors for
     gradients that are absent or equal to ``grad``).
+
+    Example (needs a GPU, or CPU tensors with ``TRITON_INTERPRET=1`` set before import):
+        >>> from se_surgery.ops import composite_backward
+        >>> if torch.cuda.is_available():
+        ...     x, w1, w2 = (torch.randn(*s, device="cuda") for s in ((2, 8, 4, 4), (2, 8), (8, 2)))
+        ...     args = (x, None, w1, None, w2, None, 1, "max", "sigmoid", 1.0, "none", False)
+        ...     got, want = se_backward(torch.ones_like(x), *args), composite_backward(torch.ones_like(x), *args)
+        ...     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
     """
     n, c, h, w = _nchw(x, channel_dim)
     hw = h * w
