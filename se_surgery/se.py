@@ -158,11 +158,16 @@ class SqueezeExcite(nn.Module):
             act: None or ``"relu"``: the join's activation, folded into the same pass.
 
         One ``se_surgery::se_join`` op computes everything (Triton kernels on CUDA); ONNX
-        export, and ``use_fused = False``, take the equivalent aten composite.
+        export, ``torch.compile`` for the CPU, and ``use_fused = False`` take the equivalent
+        aten composite.
         """
         if act not in (None, "relu"):
             raise ValueError(f"act must be None or 'relu', got {act!r}")
-        if not self.use_fused or torch.onnx.is_in_onnx_export():
+        if (not self.use_fused or torch.onnx.is_in_onnx_export()
+                or (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and x.device.type != "cuda")):
+            # ONNX needs standard ops. Compiling for the CPU, Inductor fuses the composite into
+            # the neighbouring norm and add kernels, which no opaque op can match (measured: 1.18
+            # against 1.03 x the base); on CUDA the op's Triton kernels win, and export keeps it.
             return self._forward_composite(x, skip, inplace, act)
         fc1, fc2 = self.fc1, self.fc2
         args = (fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_dim, self.squeeze, self.gate_fn,

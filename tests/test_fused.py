@@ -234,12 +234,17 @@ def test_identity_init_is_exact(dtype, layout, gate):
 # ------------------------------------------------------------------ compile and export
 
 class _Block(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, functional=False):
         super().__init__()
         self.conv = torch.nn.Conv2d(6, 6, 3, padding=1)
         self.se = SqueezeExcite(6, 2, init="paper", squeeze="avgmax")
+        self.functional = functional
 
     def forward(self, x):
+        if self.functional:  # the op itself, whatever the module's dispatch policy
+            se = self.se
+            return se_join(self.conv(x), se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias, skip=x,
+                           squeeze="avgmax", act="relu")
         return self.se(self.conv(x), x, act="relu")
 
 
@@ -247,13 +252,17 @@ def _call_targets(gm):
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def test_compile_fullgraph_sees_one_op_and_trains():
+def _compiled(m):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    m, x = _Block(), torch.randn(2, 6, 4, 4)
     counter = CompileCounterWithBackend("aot_eager")  # aot: the fake and autograd registrations run too
-    compiled = torch.compile(m, backend=counter, fullgraph=True)
+    return torch.compile(m, backend=counter, fullgraph=True), counter
+
+
+def test_compile_fullgraph_sees_one_op_and_trains():
+    m, x = _Block(functional=True), torch.randn(2, 6, 4, 4)
+    compiled, counter = _compiled(m)
     y = compiled(x)
     y.sum().backward()
     targets = _call_targets(counter.graphs[0])
@@ -264,6 +273,14 @@ def test_compile_fullgraph_sees_one_op_and_trains():
     want_y.sum().backward()
     torch.testing.assert_close(y, want_y, **TOL[torch.float32])
     assert_all_close(got, [p.grad for p in m.parameters()], GRAD_TOL[torch.float32])
+
+
+def test_module_compiled_for_cpu_gives_inductor_the_composite():
+    m, x = _Block(), torch.randn(2, 6, 4, 4)
+    compiled, counter = _compiled(m)
+    y = compiled(x)
+    assert not any("se_join" in t for t in _call_targets(counter.graphs[0]))
+    torch.testing.assert_close(y, m(x), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("grad", [True, False])
