@@ -13,6 +13,9 @@ from torch import nn
 from .ops.fused import _se_join as _se_join_op
 from .ops.fused import se_join_into
 
+# torch.compiler.is_exporting is newer than torch.library.custom_op (2.4).
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
 __all__ = ["SqueezeExcite", "hidden_channels"]
 
 SQUEEZES = ("avg", "max", "avgmax")
@@ -164,7 +167,7 @@ class SqueezeExcite(nn.Module):
         if act not in (None, "relu"):
             raise ValueError(f"act must be None or 'relu', got {act!r}")
         if (not self.use_fused or torch.onnx.is_in_onnx_export()
-                or (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and x.device.type != "cuda")):
+                or (torch.compiler.is_compiling() and not _is_exporting() and x.device.type != "cuda")):
             # ONNX needs standard ops. Compiling for the CPU, Inductor fuses the composite into
             # the neighbouring norm and add kernels, which no opaque op can match (measured: 1.18
             # against 1.03 x the base); on CUDA the op's Triton kernels win, and export keeps it.
@@ -172,7 +175,7 @@ class SqueezeExcite(nn.Module):
         fc1, fc2 = self.fc1, self.fc2
         args = (fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_dim, self.squeeze, self.gate_fn,
                 float(self.gate_scale), act or "none")
-        if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+        if (torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing()
                 or type(x) is not torch.Tensor
                 or (torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad
                                                  or fc2.weight.requires_grad
