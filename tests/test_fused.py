@@ -205,6 +205,20 @@ def test_module_fused_equals_composite_path(layout, act):
             torch.testing.assert_close(se(x, s, act=act), want, **TOL[torch.float32])
 
 
+def test_flop_counter_counts_the_op_like_the_composite():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    se, x, skip = _module_and_inputs("nchw")
+    x.requires_grad_()
+    counts = []
+    for use_fused in (True, False):
+        se.use_fused = use_fused
+        with FlopCounterMode(display=False) as counter:
+            se(x, skip).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0  # se_surgery.report subtracts the FCs' MACs from this count
+
+
 def test_module_inplace_inference_writes_into_x():
     se, x, skip = _module_and_inputs("channels_last")
     want = se(x, skip, act="relu").detach()

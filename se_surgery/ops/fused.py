@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["ACTS", "GATES", "SQUEEZES", "composite_backward", "composite_forward", "se_join", "se_join_into"]
 
@@ -236,6 +237,24 @@ def _backward(ctx, grad):
 
 
 _se_join.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fc_macs(x_shape, w1_shape) -> int:
+    """MACs of the two FCs, as ``FlopCounterMode`` counts the composite's two ``linear``s."""
+    c = 1
+    for d in w1_shape[1:]:
+        c *= d
+    return x_shape[0] * c * w1_shape[0] * 2
+
+
+@register_flop_formula(torch.ops.se_surgery.se_join)
+def _se_join_flops(x_shape, skip_shape, w1_shape, *args, **kwargs) -> int:
+    return 2 * _fc_macs(x_shape, w1_shape)
+
+
+@register_flop_formula(torch.ops.se_surgery.se_join_backward)
+def _se_join_backward_flops(grad_shape, x_shape, out_shape_, w1_shape, *args, **kwargs) -> int:
+    return 2 * 2 * _fc_macs(x_shape, w1_shape)  # a weight and an input gradient per FC
 
 
 def se_join(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, *,
