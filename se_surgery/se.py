@@ -164,14 +164,21 @@ class SqueezeExcite(nn.Module):
         export, ``torch.compile`` for the CPU, and ``use_fused = False`` take the equivalent
         aten composite.
         """
-        if act not in (None, "relu"):
-            raise ValueError(f"act must be None or 'relu', got {act!r}")
+        if act is not None and act != "relu":
+            raise ValueError("act must be None or 'relu', got '" + act + "'")  # (TorchScript has no !r)
+        if torch.jit.is_scripting():
+            return self._forward_composite(x, skip, inplace, act is not None)  # no custom-op Python in TorchScript
+        return self._forward_fused(x, skip, inplace, act)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor, skip: torch.Tensor | None, inplace: bool,
+                       act: str | None) -> torch.Tensor:
         if (not self.use_fused or torch.onnx.is_in_onnx_export()
                 or (torch.compiler.is_compiling() and not _is_exporting() and x.device.type != "cuda")):
             # ONNX needs standard ops. Compiling for the CPU, Inductor fuses the composite into
             # the neighbouring norm and add kernels, which no opaque op can match (measured: 1.18
             # against 1.03 x the base); on CUDA the op's Triton kernels win, and export keeps it.
-            return self._forward_composite(x, skip, inplace, act)
+            return self._forward_composite(x, skip, inplace, act is not None)
         fc1, fc2 = self.fc1, self.fc2
         args = (fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_dim, self.squeeze, self.gate_fn,
                 float(self.gate_scale), act or "none")
@@ -189,10 +196,10 @@ class SqueezeExcite(nn.Module):
         return se_join_into(into, x, skip, *args)
 
     def _forward_composite(self, x: torch.Tensor, skip: torch.Tensor | None, inplace: bool,
-                           act: str | None) -> torch.Tensor:
+                           relu: bool) -> torch.Tensor:
         if skip is None:
             y = x * self.gate(x)
-            return torch.relu_(y) if act == "relu" else y
+            return torch.relu_(y) if relu else y
         # skip + x * gate_scale * g in one pass; gate_scale (2 for identity init) rides
         # on addcmul's ``value``: 2 * x * 0.5 is exactly x, so identity init stays exact.
         g = self._excite(x)
@@ -201,4 +208,4 @@ class SqueezeExcite(nn.Module):
             y = torch.addcmul(skip, x, g, value=self.gate_scale, out=x)
         else:
             y = torch.addcmul(skip, x, g, value=self.gate_scale)
-        return torch.relu_(y) if act == "relu" else y
+        return torch.relu_(y) if relu else y

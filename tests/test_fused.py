@@ -248,18 +248,20 @@ def test_identity_init_is_exact(dtype, layout, gate):
 # ------------------------------------------------------------------ compile and export
 
 class _Block(torch.nn.Module):
-    def __init__(self, functional=False):
+    def __init__(self):
         super().__init__()
         self.conv = torch.nn.Conv2d(6, 6, 3, padding=1)
         self.se = SqueezeExcite(6, 2, init="paper", squeeze="avgmax")
-        self.functional = functional
 
     def forward(self, x):
-        if self.functional:  # the op itself, whatever the module's dispatch policy
-            se = self.se
-            return se_join(self.conv(x), se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias, skip=x,
-                           squeeze="avgmax", act="relu")
         return self.se(self.conv(x), x, act="relu")
+
+
+class _FunctionalBlock(_Block):
+    def forward(self, x):  # the op itself, whatever the module's dispatch policy
+        se = self.se
+        return se_join(self.conv(x), se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias, skip=x,
+                       squeeze="avgmax", act="relu")
 
 
 def _call_targets(gm):
@@ -275,7 +277,7 @@ def _compiled(m):
 
 
 def test_compile_fullgraph_sees_one_op_and_trains():
-    m, x = _Block(functional=True), torch.randn(2, 6, 4, 4)
+    m, x = _FunctionalBlock(), torch.randn(2, 6, 4, 4)
     compiled, counter = _compiled(m)
     y = compiled(x)
     y.sum().backward()
@@ -324,6 +326,16 @@ def test_onnx_export_matches_onnxruntime(dynamo):
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_torchscript_scripts_the_composite_and_traces_the_op():
+    m, x = _Block().eval(), torch.randn(2, 6, 4, 4)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        scripted, traced = torch.jit.script(m), torch.jit.trace(m, x)
+        torch.testing.assert_close(scripted(x), m(x), **TOL[torch.float32])
+        assert "se_surgery::se_join" in str(traced.se.graph)
+        torch.testing.assert_close(traced(x), m(x), **TOL[torch.float32])
 
 
 def test_import_does_not_load_the_triton_kernels():
