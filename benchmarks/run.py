@@ -294,11 +294,11 @@ def bench_surgery(args) -> str:
     for label, src, name, rules, size in models:
         model = build(src, name)
         size = se_surgery.sites.resolve_input_size(model, size)
-        fns = {
-            "find_sites": lambda: se_surgery.find_sites(model, input_size=size),
-            "plan": lambda: se_surgery.plan(model, rules, input_size=size),
-            "apply": lambda: se_surgery.apply(model, rules, input_size=size),
-            "report": lambda: se_surgery.report(model, rules, input_size=size),
+        fns = {  # defaults bind this round's model: the loop deletes it before the next
+            "find_sites": lambda m=model, s=size: se_surgery.find_sites(m, input_size=s),
+            "plan": lambda m=model, s=size, r=rules: se_surgery.plan(m, r, input_size=s),
+            "apply": lambda m=model, s=size, r=rules: se_surgery.apply(m, r, input_size=s),
+            "report": lambda m=model, s=size, r=rules: se_surgery.report(m, r, input_size=s),
         }
         t = time.perf_counter()
         patched = fns["apply"]()

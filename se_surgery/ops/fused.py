@@ -20,6 +20,8 @@ What one call computes, for ``x`` of shape (N, C, H, W) (``channel_dim=1``, cont
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -137,7 +139,7 @@ def composite_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, 
     dy = dy if dy.dtype == x.dtype else dy.to(x.dtype)  # a wider skip promoted the output
     mean = x.mean(dims) if squeeze != "max" else None
     amax = x.amax(dims) if squeeze != "avg" else None
-    s = mean if amax is None else amax if mean is None else 0.5 * (mean + amax)
+    s = cast(Tensor, mean if amax is None else amax if mean is None else 0.5 * (mean + amax))
     z1, h, z2 = _excite(s, w1, b1, w2, b2)
     g = _gate(z2, gate)
     # d out / d g for each (n, c): sum over H, W of dy * x, accumulated in the MLP's dtype.
@@ -161,7 +163,7 @@ def composite_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, 
         torch.addcmul(_bcast(ds * (half / hw), channel_dim), dy, gs, out=dx)
     if squeeze != "avg":
         # amax's gradient is shared evenly by tied maxima, as torch.amax's backward does.
-        hit = x == _bcast(amax, channel_dim)
+        hit = x == _bcast(cast(Tensor, amax), channel_dim)
         cnt = hit.sum(dims, dtype=ds.dtype)
         dx.add_(hit * _bcast(ds * half / cnt, channel_dim))
     db1 = dz1.sum(0).to(b1.dtype) if b1 is not None else x.new_empty(0)

@@ -21,6 +21,8 @@ that is how the tests check the kernels on machines without a GPU.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import triton
 import triton.language as tl
@@ -296,7 +298,7 @@ def se_forward(x: Tensor, skip: Tensor | None, w1: Tensor, b1: Tensor | None, w2
     x, (sxn, sxc, sxhw) = _strides(x, channel_dim)
     w1m, w2m = _mats(w1, w2)
     hid = w1m.shape[0]
-    f32 = {"device": x.device, "dtype": torch.float32}
+    f32: dict[str, Any] = {"device": x.device, "dtype": torch.float32}
     do_mean, do_max = squeeze != "max", squeeze != "avg"
     mean = torch.empty((n, c), **f32) if do_mean else torch.empty(0, **f32)
     amax = torch.empty((n, c), **f32) if do_max else torch.empty(0, **f32)
@@ -311,7 +313,7 @@ def se_forward(x: Tensor, skip: Tensor | None, w1: Tensor, b1: Tensor | None, w2
     out_t, (son, soc, sohw) = _strides(out, channel_dim)
     has_skip = skip is not None
     if has_skip:
-        skip, (ssn, ssc, sshw) = _strides(skip, channel_dim)
+        skip, (ssn, ssc, sshw) = _strides(cast(Tensor, skip), channel_dim)
     else:
         skip, (ssn, ssc, sshw) = x, (0, 0, 0)
     _scale[(n, triton.cdiv(c, bc), triton.cdiv(hw, bhw))](
@@ -347,12 +349,12 @@ def se_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, b1: Ten
     grad, (sgn, sgc, sghw) = _strides(grad, channel_dim)
     relu = act == "relu"
     if relu:
-        out, (son, soc, sohw) = _strides(out, channel_dim)
+        out, (son, soc, sohw) = _strides(cast(Tensor, out), channel_dim)
     else:
         out, (son, soc, sohw) = x, (0, 0, 0)
     w1m, w2m = _mats(w1, w2)
     hid = w1m.shape[0]
-    f32 = {"device": x.device, "dtype": torch.float32}
+    f32: dict[str, Any] = {"device": x.device, "dtype": torch.float32}
     do_mean, do_max = squeeze != "max", squeeze != "avg"
     dg = torch.empty((n, c), **f32)
     mean = torch.empty((n, c), **f32) if do_mean else torch.empty(0, **f32)
