@@ -51,6 +51,26 @@ def _private_fresh(branch: fx.Node, join: fx.Node, owner: nn.Module) -> bool:
     return type(m) in _FRESH_OUTPUT and not m._forward_hooks
 
 
+def _lone_relu(join: fx.Node, owner: nn.Module) -> fx.Node | None:
+    """The ReLU that alone reads the join's output, where folding it into SE changes nothing
+    anyone can see: a plain ``nn.ReLU`` without hooks, or ``F.relu`` / ``torch.relu``."""
+    if len(join.users) != 1:
+        return None
+    u = next(iter(join.users))
+    if not u.args or u.args[0] is not join or len(u.args) > 1 or set(u.kwargs) - {"inplace"}:
+        return None
+    if u.op == "call_module":
+        try:
+            m = owner.get_submodule(str(u.target))
+        except AttributeError:
+            return None
+        hooked = m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+        return u if type(m) is nn.ReLU and not hooked else None
+    if u.op == "call_function" and u.target in (torch.relu, nn.functional.relu):
+        return u
+    return u if u.op == "call_method" and u.target == "relu" else None
+
+
 def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node, se_name: str,
             se: nn.Module) -> None:
     site, variant = entry.site, entry.options.variant
@@ -81,8 +101,14 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
         # into the branch's own fresh tensor where nothing else can see it (inference).
         fresh = isinstance(se, SqueezeExcite) and _private_fresh(branch, node, owner)
         kwargs: dict[str, Any] = {"inplace": True} if fresh else {}
+        relu = _lone_relu(node, owner) if isinstance(se, SqueezeExcite) else None
+        if relu is not None:
+            kwargs["act"] = "relu"  # the join's ReLU rides in the same pass
         with graph.inserting_before(node):
             new = graph.call_module(se_name, (branch, skip), kwargs)
+        if relu is not None:
+            relu.replace_all_uses_with(new)
+            graph.erase_node(relu)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     elif variant == "identity":
