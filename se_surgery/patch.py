@@ -47,6 +47,22 @@ def _deepcopy(self, memo):
     return new
 
 
+# Methods that rebuild a block into another structure (re-parameterisation to one conv):
+# the rewritten forward still calls the branches they delete.
+_RESTRUCTURING = ("reparameterize", "switch_to_deploy")
+
+
+def _refuse_restructure(name: str):
+    def refuse(self, *args, **kwargs):
+        from .errors import SESurgeryError
+
+        raise SESurgeryError(
+            f"{type(self).__name__}.{name}() would rebuild a block whose forward se-surgery rewrote, and the SE "
+            f"there would lose its place; call se_surgery.strip(model), then {name}(), then se_surgery.apply again")
+    refuse.__name__ = name
+    return refuse
+
+
 def patched_class(base: type, source: str, added: tuple[str, ...], constants: dict | None = None) -> type:
     """The subclass of ``base`` whose forward is ``source`` (import block and code).
 
@@ -57,7 +73,9 @@ def patched_class(base: type, source: str, added: tuple[str, ...], constants: di
     key = (base, source)
     cls = _CLASSES.get(key)
     if cls is None:
+        guards = {name: _refuse_restructure(name) for name in _RESTRUCTURING if callable(getattr(base, name, None))}
         attrs = {
+            **guards,
             "forward": _forward_from(base, source),
             "__module__": base.__module__,
             "__qualname__": base.__qualname__,

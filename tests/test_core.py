@@ -279,3 +279,14 @@ class _TwoInputs(nn.Module):
 
     def forward(self, x, y):
         return x + F.relu(self.conv(y))
+
+
+def test_restructuring_a_rewritten_block_is_refused_not_broken():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("repvgg_a0").eval()
+    patched = se_surgery.apply(model, {"rules": [{"select": {"kind": "branch_sum", "stage": -1}}]}, input_size=64)
+    block = patched.stages[-1][0]
+    with pytest.raises(se_surgery.SESurgeryError, match=r"RepVggBlock\.reparameterize\(\) would rebuild a block .* "
+                                                        r"call se_surgery\.strip\(model\), then reparameterize\(\)"):
+        block.reparameterize()
+    assert hasattr(block, "conv_kxk") and se_surgery.is_patched(patched)
