@@ -20,7 +20,7 @@ __all__ = ["fake_mode", "structural_copy", "NeutralScalars"]
 
 
 class _ShapeFakeMode(FakeTensorMode):
-    """Fake mode with a shortcut for eval-mode batch norm.
+    """Fake mode with shortcuts for eval-mode batch norm and 2-D convolution.
 
     On fake tensors ``native_batch_norm`` runs through a slow Python decomposition
     (~2 ms a call, most of a ResNet's fake forward); with ``training=False`` its output
@@ -32,10 +32,21 @@ class _ShapeFakeMode(FakeTensorMode):
             x = args[0]
             stat = x.new_empty((0,))
             return torch.empty_like(x), stat, stat
+        if func is _CONV and not kwargs and len(args) == 9 and args[6] is False and isinstance(args[0], FakeTensor) \
+                and args[0].dim() == 4 and all(type(v) is int for v in (*args[3], *args[4], *args[5])):
+            # A 2-D convolution's output is a new tensor of a shape arithmetic gives; the
+            # generic fake path (backend selection, meta kernel) costs several ms a call.
+            x, w, _, stride, padding, dilation, _, _, _ = args
+            n, _, h, wd = x.shape
+            k = w.shape[2:]
+            size = [(d + 2 * p - dl * (kk - 1) - 1) // s + 1
+                    for d, p, dl, kk, s in zip((h, wd), padding, dilation, k, stride)]
+            return x.new_empty((n, w.shape[0], *size))
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 _BN = torch.ops.aten.native_batch_norm.default
+_CONV = torch.ops.aten.convolution.default
 
 
 def fake_mode() -> FakeTensorMode:
