@@ -101,13 +101,9 @@ NO_SITES = {
 }
 
 # Known deviations, each with its reason; everything else must be exact.
-NEAR_EQUAL = {
-    # Only SE at layers.0.blocks.0.modulation:2 (ctx_all + ctx_global * gates, branch
-    # first) moves the output, by ~6e-7; the SE module alone is exact on a fresh input.
-    # Likely cause (not proven): the fused join (addcmul, skip first) takes the skip's
-    # memory layout where the original add took the branch's, so the next 1x1 conv sums
-    # in another order.
-    "timm:focalnet_tiny_srf": 1e-6,
+NEAR_EQUAL: dict[str, float] = {
+    # Nothing: timm:focalnet_tiny_srf, once within 1e-6, is exact since the v2 core (its
+    # fused join no longer changes the layout the next conv reads).
 }
 # Every model keeps its class: joins in a root forward (HRNet's head) rewrite the root
 # into a generated subclass of its own class, like any block. Nothing is listed here.
