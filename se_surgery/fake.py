@@ -33,7 +33,8 @@ class _ShapeFakeMode(FakeTensorMode):
             stat = x.new_empty((0,))
             return torch.empty_like(x), stat, stat
         if func is _CONV and not kwargs and len(args) == 9 and args[6] is False and isinstance(args[0], FakeTensor) \
-                and args[0].dim() == 4 and all(type(v) is int for v in (*args[3], *args[4], *args[5])):
+                and args[0].dim() == 4 and all(type(v) is int for v in (*args[3], *args[4], *args[5])) \
+                and args[0].shape[1] == args[1].shape[1] * args[8]:  # else the real path says what is wrong
             # A 2-D convolution's output is a new tensor of a shape arithmetic gives; the
             # generic fake path (backend selection, meta kernel) costs several ms a call.
             x, w, _, stride, padding, dilation, _, _, _ = args
