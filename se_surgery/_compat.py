@@ -15,7 +15,7 @@ from torch import nn
 __all__ = [
     "FakeTensor", "FakeTensorMode", "unset_fake_temporarily", "PH", "format_import_block", "exec_source",
     "timm_registries", "MODULE_CALL", "TorchDispatchMode", "pytree_info", "plain_codegen", "process_inputs",
-    "is_op_overload", "orig_mod",
+    "is_op_overload", "orig_mod", "spec_children",
 ]
 
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily  # noqa: E402
@@ -105,3 +105,9 @@ def orig_mod(m: nn.Module) -> nn.Module | None:
     """The model inside ``torch.compile``'s wrapper, or None."""
     inner = getattr(m, "_orig_mod", None)
     return inner if isinstance(inner, nn.Module) else None
+
+
+def spec_children(spec) -> list:
+    """A pytree TreeSpec's child specs (``children()`` in newer torch, ``children_specs`` before)."""
+    children = getattr(spec, "children", None)
+    return list(children()) if callable(children) else list(spec.children_specs)

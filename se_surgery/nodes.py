@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ._compat import is_op_overload, pytree_info
+from ._compat import is_op_overload, pytree_info, spec_children
 from .trace import ModuleGraph
 
 __all__ = ["is_add", "is_cat", "is_join", "add_operands", "shape", "tensor_inputs", "ancestors", "GraphView",
@@ -168,9 +168,9 @@ class GraphView:
             sizes = [1] * len(phs)
             if info is not None:
                 spec = info.in_spec
-                while spec is not None and len(spec.children_specs) == 2 and spec.type is tuple:
-                    spec = spec.children_specs[0]  # (args, kwargs): the positional args
-                sizes = [c.num_leaves for c in spec.children_specs] if spec is not None else sizes
+                while spec is not None and len(spec_children(spec)) == 2 and spec.type is tuple:
+                    spec = spec_children(spec)[0]  # (args, kwargs): the positional args
+                sizes = [c.num_leaves for c in spec_children(spec)] if spec is not None else sizes
             owner = [i for i, k in enumerate(sizes) for _ in range(k)]
             self._args = {p: (owner[j] if j < len(owner) else j) for j, p in enumerate(phs)}
         return self._args.get(n)
