@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .se import GATES, INITS, hidden_channels
+from .se import CHANNEL_DIMS, GATES, INITS, check_choices, hidden_channels
 
 __all__ = ["CBAM", "ECA", "EffectiveSE", "GlobalContext", "eca_kernel_size"]
 
@@ -38,13 +38,7 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
 
 
 def _check_common(gate: str, init: str, channel_dim: int) -> None:
-    # The catalog validates rule options before a module is built; these guard direct use.
-    if gate not in GATES:
-        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if channel_dim not in (1, -1):
-        raise ValueError(f"channel_dim must be 1 or -1, got {channel_dim!r}")
+    check_choices(gate=(gate, GATES), init=(init, INITS), channel_dim=(channel_dim, CHANNEL_DIMS))
 
 
 def _gate(z: torch.Tensor, gate: str, scale: float) -> torch.Tensor:

@@ -23,6 +23,25 @@ GATES = ("sigmoid", "hard_sigmoid")
 INITS = ("identity", "paper")
 
 
+CHANNEL_DIMS = (1, -1)
+
+
+def check_choices(**values: tuple) -> None:
+    """Raise ``ValueError`` for the first ``name=(value, allowed)`` whose value is not allowed.
+
+    The rules validate options before any module is built; this guards direct use.
+
+    Example:
+        >>> check_choices(gate=("relu", GATES))
+        Traceback (most recent call last):
+        ...
+        ValueError: gate must be one of ('sigmoid', 'hard_sigmoid'), got 'relu'
+    """
+    for name, (value, allowed) in values.items():
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
 def hidden_channels(channels: int, ratio: float, divisor: int = 1, min_hidden: int = 1) -> int:
     """Width of the SE bottleneck, rounded the way timm's ``make_divisible`` does.
 
@@ -86,14 +105,8 @@ class SqueezeExcite(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if squeeze not in SQUEEZES:
-            raise ValueError(f"squeeze must be one of {SQUEEZES}, got {squeeze!r}")
-        if gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if channel_dim not in (1, -1):
-            raise ValueError(f"channel_dim must be 1 or -1, got {channel_dim!r}")
+        check_choices(squeeze=(squeeze, SQUEEZES), gate=(gate, GATES), init=(init, INITS),
+                      channel_dim=(channel_dim, CHANNEL_DIMS))
         self.channels = int(channels)
         self.hidden = hidden_channels(channels, ratio, divisor, min_hidden)
         self.squeeze = squeeze

@@ -286,14 +286,10 @@ def se_join(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | N
         >>> torch.equal(y, torch.relu(skip + x))
         True
     """
-    if channel_dim not in (1, -1):
-        raise ValueError(f"channel_dim must be 1 or -1, got {channel_dim!r}")
-    if squeeze not in SQUEEZES:
-        raise ValueError(f"squeeze must be one of {SQUEEZES}, got {squeeze!r}")
-    if gate not in GATES:
-        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    if act not in ACTS:
-        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
+    from ..se import CHANNEL_DIMS, check_choices
+
+    check_choices(channel_dim=(channel_dim, CHANNEL_DIMS), squeeze=(squeeze, SQUEEZES), gate=(gate, GATES),
+                  act=(act, ACTS))
     if x.dim() != 4:
         raise ValueError(f"x must be a 4-D map, got shape {tuple(x.shape)}")
     if skip is not None and skip.shape != x.shape:
