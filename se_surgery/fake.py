@@ -131,13 +131,39 @@ def structural_copy(model: nn.Module, mode: FakeTensorMode) -> tuple[nn.Module, 
     return one(model), memo
 
 
-def run_copy(model: nn.Module, size: tuple[int, int, int], watch=()) -> dict[int, tuple]:
-    """One forward of a structural copy of ``model`` on a fake ``(1, *size)`` input.
+def model_device_dtype(model: nn.Module, fallback=None) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of the model's first floating parameter or buffer (else ``fallback``,
+    else CPU and the default dtype): what an example input, or a new module, should have."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return fallback or (torch.device("cpu"), torch.get_default_dtype())
 
-    Every module call of the copy goes straight to its ``forward``, never through
-    ``Module.__call__``: no hook runs, the global ones (``register_module_forward_hook``)
-    included. Returns ``{id(module): shape of its first input}`` for the modules of
-    ``model`` in ``watch``.
+
+def run_fake(copy: nn.Module, mode: FakeTensorMode, size: tuple[int, int, int], device, dtype, dispatch):
+    """One forward of a structural ``copy`` on a fake ``(1, *size)`` input.
+
+    Every module call goes to ``dispatch(module, args, kwargs)`` instead of
+    ``Module.__call__`` (as torch.fx's tracer patches it): no hook runs, not even the
+    global ones (``register_module_forward_hook``).
+    """
+    from ._compat import MODULE_CALL
+
+    def call(mod, *args, **kwargs):
+        return dispatch(mod, args, kwargs)
+
+    nn.Module.__call__ = call  # type: ignore[method-assign]  # patched on purpose, put back below
+    try:
+        with torch.no_grad(), mode, NeutralScalars():
+            return copy(torch.empty((1, *size), device=device, dtype=dtype))
+    finally:
+        nn.Module.__call__ = MODULE_CALL  # type: ignore[method-assign]
+
+
+def run_copy(model: nn.Module, size: tuple[int, int, int], watch=()) -> dict[int, tuple]:
+    """One forward of a structural copy of ``model`` (see :func:`run_fake`), each module
+    running its own ``forward``. Returns ``{id(module): shape of its first input}`` for the
+    modules of ``model`` in ``watch``.
     """
     from ._compat import MODULE_CALL
 
@@ -147,19 +173,12 @@ def run_copy(model: nn.Module, size: tuple[int, int, int], watch=()) -> dict[int
     watched = {id(memo[id(m)]): id(m) for m in watch}
     seen: dict[int, tuple] = {}
 
-    def call(mod, *args, **kwargs):
+    def dispatch(mod, args, kwargs):
         if id(mod) not in ours:
             return MODULE_CALL(mod, *args, **kwargs)
         if id(mod) in watched and args and isinstance(args[0], torch.Tensor):
             seen.setdefault(watched[id(mod)], tuple(args[0].shape))
         return mod.forward(*args, **kwargs)
 
-    device, dtype = next(((t.device, t.dtype) for t in list(model.parameters()) + list(model.buffers())
-                          if t.is_floating_point()), (torch.device("cpu"), torch.get_default_dtype()))
-    nn.Module.__call__ = call  # type: ignore[method-assign]  # patched on purpose, put back below
-    try:
-        with torch.no_grad(), mode, NeutralScalars():
-            copy(torch.empty((1, *size), device=device, dtype=dtype))
-    finally:
-        nn.Module.__call__ = MODULE_CALL  # type: ignore[method-assign]
+    run_fake(copy, mode, size, *model_device_dtype(model), dispatch)
     return seen

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import operator
 from typing import Any, cast
 
@@ -13,8 +12,9 @@ from torch import nn
 
 from . import modules
 from .errors import ModelTypeError, PlanError
+from .fake import model_device_dtype
 from .inner import inline_path
-from .nodes import add_operands, ancestors, is_activation_module
+from .nodes import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, add_operands, ancestors, is_activation_module
 from .patch import OwnerPatch, patched_class, source_of, swap
 from .plan import Plan, PlannedSite, fingerprint
 from .plan import plan as make_plan
@@ -24,10 +24,6 @@ from .trace import ModuleGraph
 __all__ = ["apply", "build_patches"]
 
 _FRESH_OUTPUT = (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
-_ACTIVATION_FUNCTIONS = {torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu_, nn.functional.gelu,
-                         nn.functional.silu, nn.functional.hardswish, nn.functional.relu6}
-
-
 def _is_activation(n: fx.Node, owner: nn.Module) -> bool:
     if n.op == "call_module":
         try:
@@ -35,8 +31,8 @@ def _is_activation(n: fx.Node, owner: nn.Module) -> bool:
         except AttributeError:
             return False
     if n.op == "call_function":
-        return n.target in _ACTIVATION_FUNCTIONS
-    return n.op == "call_method" and n.target in ("relu", "relu_", "gelu", "silu", "silu_")
+        return n.target in ACTIVATION_FUNCTIONS
+    return n.op == "call_method" and n.target in ACTIVATION_METHODS
 
 
 def _private_fresh(branch: fx.Node, join: fx.Node, owner: nn.Module) -> bool:
@@ -137,13 +133,6 @@ def _se_name(owner: nn.Module, k: int, taken: set[str]) -> str:
     return name
 
 
-def _device_dtype(module: nn.Module, fallback: tuple) -> tuple:
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return fallback
-
-
 def _make_module(entry: PlannedSite, device, dtype) -> nn.Module:
     o = entry.options
     return modules.create(o.module, entry.se_channels, o.module_options(), channel_dim=entry.site.channel_dim,
@@ -170,7 +159,7 @@ def rewrite(mg: ModuleGraph, owner: nn.Module, entries: list[PlannedSite], p: Pl
     """The patch for one owner: its planned graph with SE at ``entries``, and the SE modules."""
     graph = cast(fx.Graph, copy.deepcopy(mg.graph))  # the plan's graph stays as the user reviewed it
     nodes = {n.name: n for n in graph.nodes}
-    device, dtype = _device_dtype(owner, fallback)
+    device, dtype = model_device_dtype(owner, fallback)
     taken: set[str] = set()
     added: dict[str, nn.Module] = {}
     model_sites = tuple((e.site.name, e.site.kind, e.site.channels) for e in p.entries)  # the checkpoint fingerprint
@@ -198,7 +187,7 @@ def build_patches(model: nn.Module, p: Plan) -> list[OwnerPatch]:
     by_owner: dict[str, list[PlannedSite]] = {}
     for e in p.selected:
         by_owner.setdefault(e.site.owner, []).append(e)
-    fallback = _device_dtype(model, (torch.device("cpu"), torch.get_default_dtype()))
+    fallback = model_device_dtype(model)
     patches = []
     for owner, entries in by_owner.items():
         mg = p.discovery.graph_of(owner)

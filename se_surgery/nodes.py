@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.fx as fx
@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._compat import is_op_overload, pytree_info, spec_children
-from .trace import ModuleGraph
+
+if TYPE_CHECKING:  # trace.py reads joins through this module; the import runs one way
+    from .trace import ModuleGraph
 
 __all__ = ["is_add", "is_cat", "is_join", "add_operands", "shape", "tensor_inputs", "ancestors", "GraphView",
            "ATTENTION_CLASSES"]

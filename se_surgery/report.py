@@ -21,8 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import modules
 from .errors import PlanError, TraceError
 from .fake import run_copy
-from .plan import Plan, is_patched, plan, se_modules
-from .sites import resolve_input_size
+from .plan import Plan, is_patched, plan_from, se_modules
+from .rules import load_rules
+from .sites import discover, resolve_input_size
 from .trace import short_error
 
 __all__ = ["CSV_COLUMNS", "FOOTER", "FORMATS", "Report", "SiteRow", "report", "se_macs", "se_params"]
@@ -239,9 +240,11 @@ def report(model: nn.Module, rules=None, *, input_size=None, tracer_kwargs=None)
     if isinstance(rules, Plan):
         p = rules
         size = p.input_size
-    else:
-        p = plan(model, rules, input_size=size, tracer_kwargs=tracer_kwargs)
-    base_macs, _ = _count(model, size)
+    else:  # plan()'s discovery, with the base MACs counted in its own fake pass
+        d = discover(model, size, tracer_kwargs=tracer_kwargs, count_macs=True)
+        p = plan_from(model, load_rules(rules), d)
+    counted = p.discovery.graphs.macs if p.discovery is not None and p.discovery.graphs is not None else None
+    base_macs = counted if counted is not None else _count(model, size)[0]
     rows = [SiteRow(e.site.name, e.site.kind, e.site.stage, e.options.variant, e.se_channels, e.hidden,
                     modules.count_params(e.options.module, e.se_channels, e.options.module_options()),
                     modules.count_macs(e.options.module, e.se_channels, e.se_spatial, e.options.module_options()),

@@ -284,13 +284,16 @@ def _within(path: str, block: str) -> bool:
     return not block or path == block or path.startswith(block + ".")
 
 
-def discover(model: nn.Module, input_size=None, *, tracer_kwargs=None) -> Discovery:
-    """Trace, propagate shapes and classify every join. See :func:`find_sites`."""
+def discover(model: nn.Module, input_size=None, *, tracer_kwargs=None, count_macs: bool = False) -> Discovery:
+    """Trace, propagate shapes and classify every join. See :func:`find_sites`.
+
+    With ``count_macs``, the same fake pass also counts the model's MACs (``graphs.macs``).
+    """
     if not isinstance(model, nn.Module):
         raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     size = resolve_input_size(model, input_size)
     canonical = resolve_input_size(model, _config_size(model) or 224)
-    mg = trace_model(model, size, canonical_size=canonical, tracer_kwargs=tracer_kwargs)
+    mg = trace_model(model, size, canonical_size=canonical, tracer_kwargs=tracer_kwargs, count_macs=count_macs)
     by_module = {id(g.module): g for g in mg.graphs}
     memo: dict = {}
     views: dict[int, GraphView] = {}

@@ -14,6 +14,7 @@ position.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import cast
@@ -21,6 +22,7 @@ from typing import cast
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ._compat import (
     MODULE_CALL,
@@ -32,7 +34,8 @@ from ._compat import (
     unset_fake_temporarily,
 )
 from .errors import ModelTypeError, TraceError
-from .fake import NeutralScalars, fake_mode, structural_copy
+from .fake import fake_mode, model_device_dtype, run_fake, structural_copy
+from .nodes import is_join
 
 __all__ = ["TracerOptions", "ModuleGraph", "ModelGraphs", "trace_model", "short_error", "call_skeleton"]
 
@@ -250,6 +253,7 @@ class ModelGraphs:
     input_size: tuple[int, int, int]
     stopped: str | None = None  # why the model's fake forward did not finish, if it did not
     stride_size: tuple[int, int, int] | None = None  # the input size node.meta["canon_shape"] is at
+    macs: int | None = None  # multiply-accumulates of the forward at input_size, where counted
 
     def untraced(self) -> list[tuple[str, str]]:
         """(path, reason) of every module whose own forward could not be searched for joins."""
@@ -304,8 +308,8 @@ class _Stop(BaseException):
 class _Walker:
     """Runs the model's forward on the copy, tracing and interpreting each module it calls."""
 
-    def __init__(self, copy: nn.Module, paths: dict[int, str], opts: TracerOptions, leaves: tuple, fns: tuple):
-        self.copy, self.paths, self.opts = copy, paths, opts
+    def __init__(self, copy: nn.Module, mode, paths: dict[int, str], opts: TracerOptions, leaves: tuple, fns: tuple):
+        self.copy, self.mode, self.paths, self.opts = copy, mode, paths, opts
         # timm's leaves are traced too: some hold joins (NormFreeBlock, MobileVitBlock);
         # where one does not trace, its forward runs as it is.
         self.leaves = tuple(opts.leaf_modules)
@@ -383,48 +387,27 @@ class _Walker:
         self.keys = keys
         for g in self.graphs.values():
             g.calls = 0
-        walker = self
-
-        def call(mod, *args, **kwargs):
-            return walker.dispatch(mod, args, kwargs)
-
-        nn.Module.__call__ = call  # type: ignore[method-assign]  # patched on purpose, put back below
         try:
-            with torch.no_grad(), fake_mode(), NeutralScalars():
-                x = torch.empty((1, *size), device=device, dtype=dtype)
-                self.copy(x)
+            run_fake(self.copy, self.mode, size, device, dtype, self.dispatch)
         except _NodeFailed as e:
             return str(e)
         except Exception as e:
             return short_error(e)
-        finally:
-            nn.Module.__call__ = MODULE_CALL  # type: ignore[method-assign]
         return None
 
 
-def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
-
-
-_JOINS = {"add", "iadd", "cat", "concat", "concatenate"}
-
-
 def _collapsed(graphs) -> bool:
-    """Whether some 4-D add or cat came out 1 pixel high or wide (its stride is then unknown)."""
+    """Whether some 4-D join came out 1 pixel high or wide (its stride is then unknown)."""
     for g in graphs:
         for n in g.graph.nodes if g.graph is not None else ():
             shape = n.meta.get("shape")
-            name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-            if shape is not None and len(shape) == 4 and name in _JOINS and min(shape[1:]) < 2:
+            if shape is not None and len(shape) == 4 and is_join(n) and min(shape[1:]) < 2:
                 return True
     return False
 
 
 def trace_model(model: nn.Module, input_size: tuple[int, int, int], *, canonical_size=None,
-                tracer_kwargs=None) -> ModelGraphs:
+                tracer_kwargs=None, count_macs: bool = False) -> ModelGraphs:
     """Trace every module ``model`` calls and give each graph node its shape.
 
     Nothing of ``model`` runs or changes: the forward runs on a structural copy with
@@ -451,10 +434,13 @@ def trace_model(model: nn.Module, input_size: tuple[int, int, int], *, canonical
     paths: dict[int, str] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(memo[id(m)]), name)
-    walker = _Walker(copy, paths, opts, leaves, fns)
-    device, dtype = _device_dtype(model)
+    walker = _Walker(copy, mode, paths, opts, leaves, fns)
+    device, dtype = model_device_dtype(model)
     size = cast(tuple[int, int, int], tuple(input_size))
-    stopped = walker.run(size, ("shape", "tensor"), device, dtype)
+    # The report's base MACs come from this same pass (torch's flop counter / 2) when asked.
+    with FlopCounterMode(display=False) if count_macs else contextlib.nullcontext() as counter:
+        stopped = walker.run(size, ("shape", "tensor"), device, dtype)
+    macs = int(counter.get_total_flops()) // 2 if count_macs and stopped is None else None
     measured = size  # the input size "canon_shape" was measured at
     if canonical_size is not None and tuple(canonical_size) != tuple(input_size) and stopped is None \
             and _collapsed(walker.graphs.values()):
@@ -473,4 +459,4 @@ def trace_model(model: nn.Module, input_size: tuple[int, int, int], *, canonical
             for n in g.graph.nodes if g.graph is not None else ():
                 if "shape" in n.meta:
                     n.meta["canon_shape"] = n.meta["shape"]
-    return ModelGraphs(copy, list(walker.graphs.values()), size, stopped, measured)
+    return ModelGraphs(copy, list(walker.graphs.values()), size, stopped, measured, macs)

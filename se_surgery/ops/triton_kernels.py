@@ -123,14 +123,21 @@ def _excite(mean_ptr, max_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, C, HID,
 
 
 @triton.jit
-def _scale(x_ptr, skip_ptr, out_ptr, gate_ptr, C, HW, sxn, sxc, sxhw, ssn, ssc, sshw, son, soc, sohw,
-           HAS_SKIP: tl.constexpr, RELU: tl.constexpr, BC: tl.constexpr, BHW: tl.constexpr):
+def _tile(C, HW, BC: tl.constexpr, BHW: tl.constexpr):
+    """This program's tile of a logical (N, C, HW) map: sample, channels and their mask, the
+    tile's mask, and the channel and position offsets widened for 64-bit addressing."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     hw = tl.program_id(2) * BHW + tl.arange(0, BHW)
     cm = c < C
     m = cm[:, None] & (hw[None, :] < HW)
-    c64, hw64 = c[:, None].to(tl.int64), hw[None, :].to(tl.int64)
+    return n, c, cm, m, c[:, None].to(tl.int64), hw[None, :].to(tl.int64)
+
+
+@triton.jit
+def _scale(x_ptr, skip_ptr, out_ptr, gate_ptr, C, HW, sxn, sxc, sxhw, ssn, ssc, sshw, son, soc, sohw,
+           HAS_SKIP: tl.constexpr, RELU: tl.constexpr, BC: tl.constexpr, BHW: tl.constexpr):
+    n, c, cm, m, c64, hw64 = _tile(C, HW, BC, BHW)
     g = tl.load(gate_ptr + n * C + c, mask=cm, other=0.0)
     y = tl.load(x_ptr + n * sxn + c64 * sxc + hw64 * sxhw, mask=m, other=0.0).to(tl.float32) * g[:, None]
     if HAS_SKIP:
@@ -219,12 +226,7 @@ def _dx(grad_ptr, x_ptr, out_ptr, dx_ptr, dskip_ptr, gs_ptr, ds_ptr, max_ptr, cn
         sgn, sgc, sghw, sxn, sxc, sxhw, son, soc, sohw, sdn, sdc, sdhw, avg_coef, max_coef,
         RELU: tl.constexpr, STORE_DSKIP: tl.constexpr, DO_MEAN: tl.constexpr, DO_MAX: tl.constexpr,
         BC: tl.constexpr, BHW: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    hw = tl.program_id(2) * BHW + tl.arange(0, BHW)
-    cm = c < C
-    m = cm[:, None] & (hw[None, :] < HW)
-    c64, hw64 = c[:, None].to(tl.int64), hw[None, :].to(tl.int64)
+    n, c, cm, m, c64, hw64 = _tile(C, HW, BC, BHW)
     dy = tl.load(grad_ptr + n * sgn + c64 * sgc + hw64 * sghw, mask=m, other=0.0).to(tl.float32)
     if RELU:
         o = tl.load(out_ptr + n * son + c64 * soc + hw64 * sohw, mask=m, other=0.0)
