@@ -178,8 +178,10 @@ def rewrite(mg: ModuleGraph, owner: nn.Module, entries: list[PlannedSite], p: Pl
         _insert(graph, owner, entry, node, name, se)
     graph.lint()
     source, attrs = source_of(graph)
-    cls = patched_class(type(owner), source, tuple(added), dict(mg.constants, **attrs))
-    return OwnerPatch(mg.path, cls, added)
+    # Per instance, not per class: blocks of one class may trace to different constants.
+    attrs = {**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in mg.constants.items()}, **attrs}
+    cls = patched_class(type(owner), source, tuple(added), tuple(attrs))
+    return OwnerPatch(mg.path, cls, added, attrs)
 
 
 def build_patches(model: nn.Module, p: Plan) -> list[OwnerPatch]:

@@ -4,6 +4,13 @@ A rewritten block keeps its identity: the same object, now an instance of a gene
 subclass of its own class whose ``forward`` is the rewritten graph's code, with the SE
 modules added as children after its own. ``isinstance``, methods, attributes and hooks
 stay; :func:`unpatch` gives back exactly the original class.
+
+A generated class holds code only: one class per (base class, forward source). What the
+code reads from ``self`` beyond the module's own attributes (tensors fx had to store for
+the graph, ``_tensor_constant0`` ..., and the tree specs of a forward that takes lists)
+differs between instances of one class, so :func:`swap` puts it in each instance's own
+``__dict__`` (plain attributes: not in ``state_dict``, not moved by ``.to()``, exactly as
+the tensor the original forward made on each call), and :func:`unpatch` removes it.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ import torch.fx as fx
 from torch import nn
 
 from ._compat import exec_source, format_import_block, pytree_info
+from .errors import SESurgeryError, TraceError
 
-__all__ = ["OwnerPatch", "patched_class", "swap", "unpatch", "is_patched_module", "base_class"]
+__all__ = ["OwnerPatch", "patched_class", "swap", "unpatch", "is_patched_module", "base_class", "generated_class"]
 
 _CLASSES: dict[tuple, type] = {}
 
@@ -26,16 +34,19 @@ def _forward_from(base: type, source: str) -> object:
     return exec_source(source, {}, base.__name__)["forward"]
 
 
-def _rebuild(base: type, source: str, added: tuple, constants: dict):
+def _rebuild(base: type, source: str, added: tuple, names: tuple = ()):
     """Unpickle or copy an instance of a patched class: find or make the class, then an empty instance."""
-    cls = patched_class(base, source, added, constants)
+    cls = patched_class(base, source, added, names)
     return cast(Any, cls).__new__(cls)  # typeshed's type.__new__ wants a class body; this is the base's __new__
 
 
 def _reduce_ex(self, protocol):
     cls = type(self)
+    if "_se_surgery_base" not in cls.__dict__:
+        # A class someone derived from ours (parametrize's): its own protocol decides.
+        return super(generated_class(cls), self).__reduce_ex__(protocol)
     return _rebuild, (cls._se_surgery_base, cls._se_surgery_source, cls._se_surgery_added,
-                      cls._se_surgery_constants), self.__dict__
+                      cls._se_surgery_instance_attrs), self.__dict__
 
 
 def _deepcopy(self, memo):
@@ -54,8 +65,6 @@ _RESTRUCTURING = ("reparameterize", "switch_to_deploy")
 
 def _refuse_restructure(name: str):
     def refuse(self, *args, **kwargs):
-        from .errors import SESurgeryError
-
         raise SESurgeryError(
             f"{type(self).__name__}.{name}() would rebuild a block whose forward se-surgery rewrote, and the SE "
             f"there would lose its place; call se_surgery.strip(model), then {name}(), then se_surgery.apply again")
@@ -63,14 +72,16 @@ def _refuse_restructure(name: str):
     return refuse
 
 
-def patched_class(base: type, source: str, added: tuple[str, ...], constants: dict | None = None) -> type:
+def patched_class(base: type, source: str, added: tuple[str, ...], instance_attrs: tuple[str, ...] = ()) -> type:
     """The subclass of ``base`` whose forward is ``source`` (import block and code).
 
     One class per (base, source): instances patched the same way share it, and pickling
-    or copying gives the same class back. It keeps ``base``'s name, module and qualname,
-    so a patched ``BasicBlock`` still prints and reports as ``BasicBlock``.
+    or copying gives the same class back. ``added`` (the SE children) and
+    ``instance_attrs`` (what each instance holds for the code) are names the code reads,
+    so the source decides them. It keeps ``base``'s name, module and qualname, so a
+    patched ``BasicBlock`` still prints and reports as ``BasicBlock``.
     """
-    key = (base, source)
+    key = (base, source, tuple(added), tuple(instance_attrs))
     cls = _CLASSES.get(key)
     if cls is None:
         guards = {name: _refuse_restructure(name) for name in _RESTRUCTURING if callable(getattr(base, name, None))}
@@ -84,9 +95,7 @@ def patched_class(base: type, source: str, added: tuple[str, ...], constants: di
             "_se_surgery_base": base,
             "_se_surgery_source": source,
             "_se_surgery_added": tuple(added),
-            # Tensors fx had to store for the graph (a constant made inside forward).
-            "_se_surgery_constants": dict(constants or {}),
-            **dict(constants or {}),
+            "_se_surgery_instance_attrs": tuple(instance_attrs),
         }
         cls = _CLASSES[key] = type(base.__name__, (base,), attrs)
     return cls
@@ -106,19 +115,33 @@ def source_of(graph: fx.Graph) -> tuple[str, dict]:
 
 @dataclass
 class OwnerPatch:
-    """What :func:`swap` does to one module: a class to take and children to add."""
+    """What :func:`swap` does to one module: a class to take, children to add, and the
+    attributes its new forward reads (``cls._se_surgery_instance_attrs``, by name)."""
 
     path: str
     cls: type
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def generated_class(cls: type) -> type | None:
+    """The class :func:`patched_class` made in ``cls``'s MRO (``cls`` itself, or a class
+    another library derived from it, as ``torch.nn.utils.parametrize`` does), or None."""
+    for c in cls.__mro__:
+        if "_se_surgery_base" in c.__dict__:
+            return c
+    return None
 
 
 def is_patched_module(m: nn.Module) -> bool:
-    return "_se_surgery_base" in type(m).__dict__
+    """Whether ``m``'s forward is one se-surgery generated (directly or under a derived class)."""
+    return generated_class(type(m)) is not None
 
 
 def base_class(m: nn.Module) -> type:
-    return cast(Any, type(m))._se_surgery_base if is_patched_module(m) else type(m)
+    """``m``'s own class before se-surgery patched it."""
+    gen = generated_class(type(m))
+    return cast(Any, gen)._se_surgery_base if gen is not None else type(m)
 
 
 def swap(model: nn.Module, patches: list[OwnerPatch]) -> None:
@@ -133,25 +156,59 @@ def swap(model: nn.Module, patches: list[OwnerPatch]) -> None:
         >>> isinstance(m, nn.Sequential), m(torch.zeros(1)).item()
         (True, 1.0)
     """
-    done: list[tuple[nn.Module, type, list[str]]] = []
+    done: list[tuple[nn.Module, type, list[str], list[str]]] = []
     try:
         for p in patches:
             m = model.get_submodule(p.path) if p.path else model
-            done.append((m, type(m), list(p.modules)))
+            taken = [k for k in p.attrs if k in m.__dict__ or hasattr(type(m), k)]
+            if taken:
+                raise TraceError(f"{type(m).__name__} at {p.path or '<model>'} already has an attribute "
+                                 f"{taken[0]!r}, which its rewritten forward needs for itself")
+            done.append((m, type(m), list(p.modules), list(p.attrs)))
             for name, sub in p.modules.items():
                 m.add_module(name, sub)
+            m.__dict__.update(p.attrs)
             m.__class__ = p.cls
     except BaseException:
-        for m, cls, names in reversed(done):
+        for m, cls, names, attrs in reversed(done):
             for name in names:
                 m._modules.pop(name, None)
+            for name in attrs:
+                m.__dict__.pop(name, None)
             m.__class__ = cls
         raise
 
 
-def unpatch(m: nn.Module) -> None:
-    """Remove what :func:`swap` added to ``m`` and give it back its own class."""
-    cls: Any = type(m)  # a patched class: it has the _se_surgery_* attributes
-    for name in cls._se_surgery_added:
+def _rebased(cls: type, gen: type, base: type) -> type:
+    """``cls`` (derived from the generated class ``gen``) rebuilt on ``base`` instead: the
+    same name, body and other bases."""
+    if cls is gen:
+        return base
+    if type(cls) is not type or "__slots__" in cls.__dict__:
+        raise SESurgeryError(
+            f"cannot remove SE from {cls.__qualname__}: another library derived this class from the one "
+            f"se-surgery generated ({'a custom metaclass' if type(cls) is not type else '__slots__'}), and it "
+            "cannot be rebuilt on the original class; undo that library's change first, then strip")
+    bases = tuple(_rebased(b, gen, base) if issubclass(b, gen) else b for b in cls.__bases__)
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    body["__qualname__"] = cls.__qualname__
+    return type(cls.__name__, bases, body)
+
+
+def original_class(m: nn.Module) -> type:
+    """The class :func:`unpatch` gives ``m``: its base, or a class another library derived
+    from the generated one, rebuilt on the base (raises where that cannot be done exactly)."""
+    gen = cast(Any, generated_class(type(m)))
+    return _rebased(type(m), gen, gen._se_surgery_base)
+
+
+def unpatch(m: nn.Module, cls: type | None = None) -> None:
+    """Remove what :func:`swap` added to ``m`` and give it back its own class (``cls``,
+    from :func:`original_class`, where the caller already computed it)."""
+    gen: Any = generated_class(type(m))
+    target = cls if cls is not None else original_class(m)
+    for name in gen._se_surgery_added:
         m._modules.pop(name, None)
-    m.__class__ = cls._se_surgery_base
+    for name in gen._se_surgery_instance_attrs:
+        m.__dict__.pop(name, None)
+    m.__class__ = target

@@ -1,0 +1,59 @@
+"""se-surgery next to other code that changes classes: blocks of one class with their own
+constants, parametrize, fx GraphModules (torchvision feature extractors), wrappers."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import se_surgery
+
+
+class _ScaledBlock(nn.Module):
+    """A residual block whose forward makes a tensor from a per-instance setting: fx stores
+    it as a constant of the traced graph (``_tensor_constant0``)."""
+
+    def __init__(self, c: int, scale: float):
+        super().__init__()
+        self.conv, self.bn, self.scale = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), scale
+
+    def forward(self, x):
+        return x + torch.relu(self.bn(self.conv(x))) * torch.tensor(self.scale)
+
+
+class _ScaledNet(nn.Module):
+    def __init__(self, scales=(1.0, 5.0)):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer1 = nn.Sequential(*(_ScaledBlock(8, s) for s in scales))
+
+    def forward(self, x):
+        return self.layer1(self.stem(x))
+
+
+def _apply(m: nn.Module) -> nn.Module:
+    with pytest.warns(se_surgery.SESurgeryWarning):  # the layer-scale placement note
+        return se_surgery.apply(m, "all_stages", input_size=(3, 16, 16))
+
+
+def test_blocks_of_one_class_keep_their_own_traced_constants():
+    torch.manual_seed(0)
+    base, other = _ScaledNet().eval(), _ScaledNet((3.0, 7.0)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    patched, patched_other = _apply(base), _apply(other)
+    assert type(patched.layer1[0]) is type(patched.layer1[1]) is type(patched_other.layer1[0])  # one class: code only
+    for p, m in ((patched, base), (patched_other, other)):
+        assert torch.equal(p(x), m(x))
+        assert torch.equal(pickle.loads(pickle.dumps(p))(x), m(x))
+        assert torch.equal(copy.deepcopy(p)(x), m(x))
+        keys = list(p.state_dict())
+        assert [k for k in keys if ".se." not in k] == list(m.state_dict())  # nothing new but SE's
+        assert [k for k in keys if ".se." in k] == [f"layer1.{i}.se.{k}" for i in (0, 1)
+                                                    for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
+    back = se_surgery.strip(patched)
+    assert back.layer1[1].__dict__.keys() == base.layer1[1].__dict__.keys()  # the constant went with SE
+    assert torch.equal(back(x), base(x))
