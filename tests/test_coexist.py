@@ -53,7 +53,7 @@ def test_blocks_of_one_class_keep_their_own_traced_constants():
         keys = list(p.state_dict())
         assert [k for k in keys if ".se." not in k] == list(m.state_dict())  # nothing new but SE's
         assert [k for k in keys if ".se." in k] == [f"layer1.{i}.se.{k}" for i in (0, 1)
-                                                    for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
+                                                    for k in ("gate_scale", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
     back = se_surgery.strip(patched)
     assert back.layer1[1].__dict__.keys() == base.layer1[1].__dict__.keys()  # the constant went with SE
     assert torch.equal(back(x), base(x))
