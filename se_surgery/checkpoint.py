@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ._checks import check_model
 from ._compat import orig_mod
 from .errors import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError, RuleError, SESurgeryWarning
 from .insert import build_patches
@@ -121,7 +122,7 @@ def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = F
     from safetensors.torch import save_file
 
     target = _check_target(path)
-    inner, prefix = unwrap(model)
+    inner, prefix = unwrap(check_model(model))
     mods = se_modules(inner)
     if not mods:
         raise _no_se(inner, "there are no SE weights to save")
@@ -315,6 +316,7 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
     """
     import copy
 
+    check_model(model)
     path = Path(path)
     meta, tensors = _read(path)
     size, rules, recorded, entries, include_base = _parse(path, meta)

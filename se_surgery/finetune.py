@@ -16,6 +16,7 @@ import copy
 
 from torch import nn
 
+from ._checks import check_model
 from .errors import NotPatchedError
 from .patch import is_patched_module, unpatch
 from .plan import is_patched, se_modules
@@ -39,6 +40,7 @@ def se_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         >>> next(iter(se_surgery.se_parameters(m)))
         'layer1.0.se.fc1.weight'
     """
+    check_model(model, sharded_ok=True)
     out = {}
     for name, mod in se_modules(model):
         for pname, p in mod.named_parameters():
@@ -67,7 +69,7 @@ def mark_only_se_trainable(model: nn.Module) -> str:
         >>> se_surgery.mark_only_se_trainable(m)
         'trainable params: 2,530,992 || all params: 28,088,024 || trainable%: 9.0109'
     """
-    se = {id(p) for p in se_parameters(model).values()}
+    se = {id(p) for p in se_parameters(model).values()}  # checks the model
     if not se:
         raise _no_se(model, "nothing would be left to train")
     for p in model.parameters():
@@ -89,7 +91,7 @@ def param_groups(model: nn.Module, lr: float, se_lr: float, weight_decay: float 
         >>> [(g["name"], g["lr"]) for g in opt.param_groups]
         [('base', 0.001), ('se', 0.01)]
     """
-    se = {id(p) for p in se_parameters(model).values()}
+    se = {id(p) for p in se_parameters(model).values()}  # checks the model
     if not se:
         raise _no_se(model, "there is no SE group to give a learning rate")
     base = [p for p in model.parameters() if p.requires_grad and id(p) not in se]
@@ -122,7 +124,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         >>> torch.equal(back(x), base(x))
         True
     """
-    if not is_patched(model):
+    if not is_patched(check_model(model)):
         raise _no_se(model, "there is nothing to strip")
     target = model if inplace else copy.deepcopy(model)
     seen: set[int] = set()

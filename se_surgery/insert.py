@@ -11,7 +11,8 @@ import torch.fx as fx
 from torch import nn
 
 from . import modules
-from .errors import ModelTypeError, PlanError
+from ._checks import check_model
+from .errors import PlanError
 from .fake import model_device_dtype
 from .inner import inline_path
 from .nodes import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, add_operands, ancestors, is_activation_module
@@ -234,8 +235,7 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
         >>> torch.equal(model(x), base(x))
         True
     """
-    if not isinstance(model, nn.Module):
-        raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     if isinstance(rules, Plan):
         p = rules
         if p.discovery is None or p.fingerprint != fingerprint(model):

@@ -10,7 +10,8 @@ from typing import cast
 from torch import nn
 
 from . import modules
-from .errors import AlreadyPatchedError, ModelTypeError, PlanError, SESurgeryWarning, TraceError
+from ._checks import check_model
+from .errors import AlreadyPatchedError, PlanError, SESurgeryWarning, TraceError
 from .rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
 from .sites import Discovery, Site, discover
 
@@ -24,6 +25,7 @@ def se_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` carries modules inserted by se-surgery."""
+    check_model(model, sharded_ok=True)
     return any("se_site" in m.__dict__ or hasattr(type(m), "_se_surgery_base") for m in model.modules())
 
 
@@ -209,8 +211,7 @@ def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False,
         >>> [e.site.name for e in p.selected][:2], len(p.selected)
         (['layer3.0', 'layer3.1'], 9)
     """
-    if not isinstance(model, nn.Module):
-        raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     if is_patched(model):
         raise AlreadyPatchedError(
             f"{type(model).__name__} already has {len(se_modules(model))} SE module(s) from se-surgery; "

@@ -9,6 +9,7 @@ from typing import cast
 import torch.fx as fx
 from torch import nn
 
+from ._checks import check_model
 from .errors import ModelTypeError, TraceError
 from .inner import find_inner
 from .nodes import (
@@ -289,8 +290,7 @@ def discover(model: nn.Module, input_size=None, *, tracer_kwargs=None, count_mac
 
     With ``count_macs``, the same fake pass also counts the model's MACs (``graphs.macs``).
     """
-    if not isinstance(model, nn.Module):
-        raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     size = resolve_input_size(model, input_size)
     canonical = resolve_input_size(model, _config_size(model) or 224)
     mg = trace_model(model, size, canonical_size=canonical, tracer_kwargs=tracer_kwargs, count_macs=count_macs)

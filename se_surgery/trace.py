@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._checks import check_model
 from ._compat import (
     MODULE_CALL,
     PH,
@@ -422,8 +423,7 @@ def trace_model(model: nn.Module, input_size: tuple[int, int, int], *, canonical
         >>> [g.path for g in mg.graphs][:4], mg.stopped
         (['', 'layer1', 'layer1.0', 'layer1.1'], None)
     """
-    if not isinstance(model, nn.Module):
-        raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     if isinstance(model, torch.jit.ScriptModule):
         raise TraceError(f"{type(model).__name__} is a TorchScript module (torch.jit.script/trace): torch.fx cannot "
                          "trace it; pass the Python model instead")

@@ -296,6 +296,18 @@ def test_errors_are_also_builtin_errors():
     assert issubclass(TraceError, ValueError) and issubclass(CheckpointError, ValueError)
 
 
+@pytest.mark.parametrize("call", [
+    lambda m, f: se_surgery.find_sites(m), lambda m, f: se_surgery.plan(m), lambda m, f: se_surgery.apply(m),
+    lambda m, f: se_surgery.report(m), lambda m, f: se_surgery.strip(m), lambda m, f: se_surgery.se_parameters(m),
+    lambda m, f: se_surgery.mark_only_se_trainable(m), lambda m, f: se_surgery.param_groups(m, 0.1, 0.1),
+    lambda m, f: se_surgery.save_se(m, f), lambda m, f: se_surgery.load_se(m, f), lambda m, f: se_surgery.is_patched(m),
+], ids=["find_sites", "plan", "apply", "report", "strip", "se_parameters", "mark_only_se_trainable", "param_groups",
+        "save_se", "load_se", "is_patched"])
+def test_every_public_function_checks_the_model(call, tmp_path):
+    with pytest.raises(ModelTypeError, match=r"^model must be a torch\.nn\.Module, got str$"):
+        call("resnet18", tmp_path / "se.safetensors")
+
+
 # --------------------------------------------------------------------------- the CLI: one line, exit 2
 
 

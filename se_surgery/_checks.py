@@ -1,0 +1,50 @@
+"""The one check every public entry point makes on the model it is given."""
+
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+
+from .errors import ModelTypeError
+
+__all__ = ["check_model"]
+
+
+def _sharded(model: nn.Module) -> str | None:
+    """How ``model`` (or a module in it) is sharded by FSDP, if it is. torch.distributed.fsdp
+    is only looked at when something imported it: no model can be sharded otherwise."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return None
+    kinds = {getattr(fsdp, "FSDPModule", None): "fully_shard (FSDP2)",
+             getattr(fsdp, "FullyShardedDataParallel", None): "FullyShardedDataParallel"}
+    for m in model.modules():
+        for cls, name in kinds.items():
+            if isinstance(cls, type) and isinstance(m, cls):
+                return name
+    return None
+
+
+def check_model(model, *, sharded_ok: bool = False) -> nn.Module:
+    """Raise :class:`~se_surgery.ModelTypeError` unless ``model`` is a ``torch.nn.Module``
+    se-surgery can work on; return it.
+
+    A model sharded by FSDP (``fully_shard`` or ``FullyShardedDataParallel``) holds its
+    weights as shards of other processes: its structure cannot be traced, nor its weights
+    saved or restored one module at a time. SE goes in first, sharding after.
+    ``sharded_ok`` is for functions that only read parameter names (``se_parameters``).
+
+    Example:
+        >>> check_model("resnet50")
+        Traceback (most recent call last):
+        ...
+        se_surgery.errors.ModelTypeError: model must be a torch.nn.Module, got str
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    kind = None if sharded_ok else _sharded(model)
+    if kind is not None:
+        raise ModelTypeError(f"{type(model).__name__} is sharded with {kind}; se-surgery works on the whole, "
+                             "unsharded model: call se_surgery (apply, load_se, strip ...) before sharding it")
+    return model
