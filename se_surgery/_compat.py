@@ -6,6 +6,8 @@ imports from here.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import linecache
 from typing import Any
 
@@ -14,18 +16,77 @@ from torch import nn
 
 __all__ = [
     "FakeTensor", "FakeTensorMode", "unset_fake_temporarily", "PH", "format_import_block", "exec_source",
-    "timm_registries", "MODULE_CALL", "TorchDispatchMode", "pytree_info", "plain_codegen", "process_inputs",
-    "is_op_overload", "orig_mod", "spec_children",
+    "timm_registries", "route_calls", "unroute_calls", "flop_counter", "TorchDispatchMode", "pytree_info",
+    "plain_codegen", "process_inputs", "is_op_overload", "orig_mod", "spec_children",
 ]
 
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily  # noqa: E402
 from torch.fx._symbolic_trace import PH  # noqa: E402  (placeholder marker for concrete_args lists)
 from torch.fx.graph_module import _format_import_block, sys_importer  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-# nn.Module.__call__ as torch defines it; the shape pass swaps in its own dispatcher
-# for the duration of one fake forward, as torch.fx's own tracer does.
-MODULE_CALL = nn.Module.__call__
+from .errors import SESurgeryError  # noqa: E402
+
+
+def route_calls(module: nn.Module, fn) -> None:
+    """Make calls of this one instance, ``module(...)``, run ``fn(*args, **kwargs)`` instead.
+
+    ``nn.Module.__call__`` (``_wrapped_call_impl``) hands a call to the instance's
+    ``_compiled_call_impl`` when it is set, before any hook (that attribute is how
+    ``Module.compile()`` installs its compiled call). Set in the instance's own
+    ``__dict__``, it changes nothing for any other module or thread, unlike replacing
+    ``nn.Module.__call__`` on the class. Only se-surgery's own structural copies are routed.
+    """
+    _check_call_routing()
+    module.__dict__["_compiled_call_impl"] = fn
+
+
+def unroute_calls(module: nn.Module) -> None:
+    """Undo :func:`route_calls`."""
+    module.__dict__.pop("_compiled_call_impl", None)
+
+
+@functools.cache
+def _routing_works() -> bool:
+    probe = nn.Identity()
+    probe.register_forward_hook(lambda m, a, out: "hooked")
+    probe.__dict__["_compiled_call_impl"] = lambda *args, **kwargs: ("routed", args, kwargs)
+    routed = probe(1, k=2) == ("routed", (1,), {"k": 2})
+    probe.__dict__.pop("_compiled_call_impl")
+    return routed and probe(1) == "hooked"
+
+
+def _check_call_routing() -> None:
+    if not _routing_works():
+        raise SESurgeryError(f"torch {torch.__version__} no longer calls a module through its _compiled_call_impl, "
+                             "which se-surgery's shape pass relies on; use a torch release se-surgery supports")
+
+
+class _NoModuleTracker:
+    """Stands in for FlopCounterMode's ModuleTracker: every count goes to the total only."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args) -> None:
+        return None
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's ``FlopCounterMode`` counting totals only (``get_total_flops``).
+
+    Its ``ModuleTracker`` registers global module hooks (``register_module_forward_pre_hook``)
+    for as long as it counts, so every other thread's forwards would run them; counting
+    happens in a dispatch mode, which is per thread, so the total needs none of that.
+    """
+    counter = FlopCounterMode(display=False)
+    if not hasattr(counter, "mod_tracker"):  # pragma: no cover - a torch that counts another way
+        raise SESurgeryError(f"torch {torch.__version__}'s FlopCounterMode has no mod_tracker to replace")
+    counter.mod_tracker = _NoModuleTracker()  # type: ignore[assignment]
+    return counter
 
 
 def format_import_block(globals_: dict[str, Any]) -> str:
@@ -33,7 +94,7 @@ def format_import_block(globals_: dict[str, Any]) -> str:
     return _format_import_block(globals_, sys_importer)
 
 
-_counter = [0]
+_counter = itertools.count(1)  # next() is atomic: threads get distinct file names
 
 
 def exec_source(src: str, globals_: dict[str, Any], name: str) -> dict[str, Any]:
@@ -42,8 +103,7 @@ def exec_source(src: str, globals_: dict[str, Any], name: str) -> dict[str, Any]
     Tracebacks, ``inspect.getsource`` and ``torch.jit.script`` read the source of a
     function through linecache; fx's GraphModule registers its code the same way.
     """
-    _counter[0] += 1
-    filename = f"<se_surgery:{name}:{_counter[0]}>"
+    filename = f"<se_surgery:{name}:{next(_counter)}>"
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
     ns = dict(globals_)
     exec(compile(src, filename, "exec"), ns)  # noqa: S102 - our own generated code

@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ._compat import FakeTensor, FakeTensorMode, TorchDispatchMode, from_tensor
+from ._compat import FakeTensor, FakeTensorMode, TorchDispatchMode, from_tensor, route_calls, unroute_calls
 
 __all__ = ["fake_mode", "structural_copy", "NeutralScalars"]
 
@@ -140,24 +140,29 @@ def model_device_dtype(model: nn.Module, fallback=None) -> tuple[torch.device, t
     return fallback or (torch.device("cpu"), torch.get_default_dtype())
 
 
+def _router(module: nn.Module, dispatch):
+    def call(*args, **kwargs):
+        return dispatch(module, args, kwargs)
+    return call
+
+
 def run_fake(copy: nn.Module, mode: FakeTensorMode, size: tuple[int, int, int], device, dtype, dispatch):
     """One forward of a structural ``copy`` on a fake ``(1, *size)`` input.
 
-    Every module call goes to ``dispatch(module, args, kwargs)`` instead of
-    ``Module.__call__`` (as torch.fx's tracer patches it): no hook runs, not even the
-    global ones (``register_module_forward_hook``).
+    Every call of one of the copy's modules goes to ``dispatch(module, args, kwargs)``
+    instead of its ``__call__``: no hook runs, not even the global ones
+    (``register_module_forward_hook``). Only the copy's own instances are routed (see
+    :func:`~se_surgery._compat.route_calls`): no class and no other thread sees a change.
     """
-    from ._compat import MODULE_CALL
-
-    def call(mod, *args, **kwargs):
-        return dispatch(mod, args, kwargs)
-
-    nn.Module.__call__ = call  # type: ignore[method-assign]  # patched on purpose, put back below
+    mods = list(copy.modules())
     try:
+        for m in mods:
+            route_calls(m, _router(m, dispatch))
         with torch.no_grad(), mode, NeutralScalars():
             return copy(torch.empty((1, *size), device=device, dtype=dtype))
     finally:
-        nn.Module.__call__ = MODULE_CALL  # type: ignore[method-assign]
+        for m in mods:
+            unroute_calls(m)
 
 
 def run_copy(model: nn.Module, size: tuple[int, int, int], watch=()) -> dict[int, tuple]:
@@ -165,17 +170,12 @@ def run_copy(model: nn.Module, size: tuple[int, int, int], watch=()) -> dict[int
     running its own ``forward``. Returns ``{id(module): shape of its first input}`` for the
     modules of ``model`` in ``watch``.
     """
-    from ._compat import MODULE_CALL
-
     mode = fake_mode()
     copy, memo = structural_copy(model, mode)
-    ours = {id(m) for m in memo.values()}
     watched = {id(memo[id(m)]): id(m) for m in watch}
     seen: dict[int, tuple] = {}
 
     def dispatch(mod, args, kwargs):
-        if id(mod) not in ours:
-            return MODULE_CALL(mod, *args, **kwargs)
         if id(mod) in watched and args and isinstance(args[0], torch.Tensor):
             seen.setdefault(watched[id(mod)], tuple(args[0].shape))
         return mod.forward(*args, **kwargs)

@@ -515,9 +515,10 @@ def _macs(module_name: str, channels: int, spatial, options: dict) -> tuple[int,
         weight, ops = spec.macs(channels, (h, w), resolve_options(module_name, validate_options(module_name, options)))
         return int(weight), int(ops)
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+
+    from ._compat import flop_counter  # no global module hooks while it counts
 
     module = create(module_name, channels, options, device="meta")
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter() as counter, torch.no_grad():
         module(torch.empty(1, channels, h, w, device="meta"))
     return int(counter.get_total_flops()) // 2, channels * h * w

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from . import modules
 from ._checks import check_model
+from ._compat import flop_counter
 from .errors import PlanError, TraceError
 from .fake import run_copy
 from .plan import Plan, is_patched, plan_from, se_modules
@@ -191,7 +191,7 @@ def _count(model: nn.Module, size: tuple[int, int, int], watch=()) -> tuple[int,
     runs nothing and keeps every attribute.
     """
     try:
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             seen = run_copy(model, size, watch)
     except Exception as e:
         raise TraceError(f"cannot count the MACs of {type(model).__name__} on fake tensors: {short_error(e)}") from e

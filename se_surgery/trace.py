@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+import threading
 from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ._checks import check_model
 from ._compat import (
-    MODULE_CALL,
     PH,
+    flop_counter,
     is_compiled_wrapper,
     orig_mod,
     process_inputs,
@@ -92,15 +93,34 @@ class TracerOptions:
 
 
 class _Tracer(fx.Tracer):
-    """Traces one module's own forward: every child is a ``call_module`` leaf."""
+    """Traces one module's own forward: every child is a ``call_module`` leaf.
+
+    While it traces, fx replaces ``nn.Module.__call__`` and ``__getattr__`` for the whole
+    process with wrappers that call this tracer's :meth:`call_module` and :meth:`getattr`.
+    A module another thread calls meanwhile is not part of this trace: both hand it the
+    plain behaviour. Two of these traces never overlap (:data:`_TRACING`), so one never
+    restores the other's patch.
+    """
 
     def __init__(self, autowrap_functions=(), autowrap_modules=()):
-        import math
-
         super().__init__(autowrap_modules=(math, *autowrap_modules), autowrap_functions=tuple(autowrap_functions))
+        self._thread = threading.get_ident()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)  # fx's forward here is the original Module.__call__
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+_TRACING = threading.RLock()
 
 
 class _TrainingFlag(int):
@@ -136,7 +156,8 @@ def _trace_with_flag(module: nn.Module, flag: bool, opts: TracerOptions, fns, co
     before = set(module.__dict__)
     module.__dict__["training"] = _TrainingFlag(flag, reads)
     try:
-        graph = _Tracer(fns, opts.autowrap_modules).trace(module, concrete_args=concrete)
+        with _TRACING:
+            graph = _Tracer(fns, opts.autowrap_modules).trace(module, concrete_args=concrete)
     finally:
         module.__dict__["training"] = False
         constants = _constants(module, before)
@@ -322,8 +343,6 @@ class _Walker:
         self.order = 0
 
     def dispatch(self, m: nn.Module, args: tuple, kwargs: dict):
-        if id(m) not in self.paths:
-            return MODULE_CALL(m, *args, **kwargs)  # a module the forward made on the fly
         if is_compiled_wrapper(m):
             return self.dispatch(cast(nn.Module, orig_mod(m)), args, kwargs)
         if _is_layer(m):
@@ -438,7 +457,7 @@ def trace_model(model: nn.Module, input_size: tuple[int, int, int], *, canonical
     device, dtype = model_device_dtype(model)
     size = cast(tuple[int, int, int], tuple(input_size))
     # The report's base MACs come from this same pass (torch's flop counter / 2) when asked.
-    with FlopCounterMode(display=False) if count_macs else contextlib.nullcontext() as counter:
+    with flop_counter() if count_macs else contextlib.nullcontext() as counter:
         stopped = walker.run(size, ("shape", "tensor"), device, dtype)
     macs = int(counter.get_total_flops()) // 2 if count_macs and stopped is None else None
     measured = size  # the input size "canon_shape" was measured at
