@@ -18,7 +18,7 @@ from torch import nn
 
 from ._checks import check_model
 from .errors import NotPatchedError
-from .patch import is_patched_module, unpatch
+from .patch import is_patched_module, original_class, unpatch
 from .plan import is_patched, se_modules
 
 __all__ = ["se_parameters", "mark_only_se_trainable", "param_groups", "strip"]
@@ -112,7 +112,9 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Each rewritten module gets its own class back and loses the SE children, so
     ``state_dict`` has exactly the original keys (in order) and the outputs equal the
     original model's. A module several parents share is restored once, for all of
-    them. Fine-tuned base weights stay fine-tuned; only the SE modules go.
+    them. Fine-tuned base weights stay fine-tuned; only the SE modules go. A class another
+    library derived from a patched one (``torch.nn.utils.parametrize``) is rebuilt on the
+    original class, so its parametrizations keep working.
 
     Example:
         >>> import torch, torchvision, se_surgery
@@ -127,9 +129,9 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not is_patched(check_model(model)):
         raise _no_se(model, "there is nothing to strip")
     target = model if inplace else copy.deepcopy(model)
-    seen: set[int] = set()
-    for m in list(target.modules()):
-        if id(m) not in seen and is_patched_module(m):
-            seen.add(id(m))
-            unpatch(m)
+    # Every class is worked out first (one derived by another library may be refused),
+    # so a refusal leaves even an in-place model whole.
+    classes = {id(m): (m, original_class(m)) for m in target.modules() if is_patched_module(m)}
+    for m, cls in classes.values():
+        unpatch(m, cls)
     return target

@@ -57,3 +57,45 @@ def test_blocks_of_one_class_keep_their_own_traced_constants():
     back = se_surgery.strip(patched)
     assert back.layer1[1].__dict__.keys() == base.layer1[1].__dict__.keys()  # the constant went with SE
     assert torch.equal(back(x), base(x))
+
+
+class _GammaBlock(nn.Module):
+    """A residual block with a parameter of its own (a layer scale), for parametrize."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.gamma = nn.Parameter(torch.full((1, c, 1, 1), 0.5))
+
+    def forward(self, x):
+        return x + self.gamma * torch.relu(self.bn(self.conv(x)))
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return w * 2
+
+
+def test_strip_works_through_a_class_parametrize_derived_from_the_patched_one():
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(_GammaBlock(8), _GammaBlock(8))).eval()
+    with pytest.warns(se_surgery.SESurgeryWarning):  # the layer-scale placement note
+        patched = se_surgery.apply(base, "all_stages", input_size=(3, 16, 16))
+    for m in (base, patched):
+        parametrize.register_parametrization(m[1][0], "gamma", _Double())  # on the patched block's own parameter
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(patched(x), base(x)) and se_surgery.is_patched(patched)
+    back = se_surgery.strip(patched)
+    assert not se_surgery.is_patched(back) and not hasattr(back[1][0], "se")
+    assert type(back[1][0]).__mro__[1] is _GammaBlock  # parametrize's class, rebuilt on the original
+    assert type(back[1][1]) is _GammaBlock
+    assert back.state_dict().keys() == base.state_dict().keys()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in back.state_dict().items())
+    assert torch.equal(back(x), base(x))
+    with torch.no_grad():
+        back[1][0].parametrizations.gamma.original.fill_(1.0)  # the parametrization still computes gamma
+    assert torch.equal(back[1][0].gamma, torch.full((1, 8, 1, 1), 2.0))
+    parametrize.remove_parametrizations(back[1][0], "gamma")
+    assert type(back[1][0]) is _GammaBlock
