@@ -18,6 +18,7 @@ __all__ = [
     "FakeTensor", "FakeTensorMode", "unset_fake_temporarily", "PH", "format_import_block", "exec_source",
     "timm_registries", "route_calls", "unroute_calls", "flop_counter", "TorchDispatchMode", "pytree_info",
     "plain_codegen", "process_inputs", "is_op_overload", "orig_mod", "spec_children",
+    "wrapped_module",
 ]
 
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily  # noqa: E402
@@ -159,6 +160,15 @@ def process_inputs(graph, *args) -> list:
 
 def is_op_overload(fn) -> bool:
     return isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+
+
+def wrapped_module(m: nn.Module) -> nn.Module | None:
+    """The model a wrapper holds and calls (DataParallel, DistributedDataParallel,
+    ``torch.compile``'s OptimizedModule), or None. The shape pass calls it directly: a
+    wrapper's own forward (scatter to devices, compiled code) has no place in it."""
+    if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return m.module
+    return orig_mod(m) if is_compiled_wrapper(m) else None
 
 
 def orig_mod(m: nn.Module) -> nn.Module | None:

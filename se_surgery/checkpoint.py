@@ -25,7 +25,7 @@ from ._checks import check_model
 from ._compat import orig_mod
 from .errors import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError, RuleError, SESurgeryWarning
 from .insert import build_patches
-from .patch import base_class, swap
+from .patch import base_class, copy_model, swap
 from .plan import PlannedSite, is_patched, plan_from, se_modules
 from .rules import Rules, SEOptions, load_rules
 from .sites import KINDS, Site, discover
@@ -314,7 +314,6 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
         >>> torch.equal(again(x), tuned(x))
         True
     """
-    import copy
 
     check_model(model)
     path = Path(path)
@@ -343,7 +342,7 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SESurgeryWarning)  # said when the checkpoint was made
         p = plan_from(inner, rules, d, entries=all_entries)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     target_inner, _ = unwrap(target)
     patches = build_patches(target_inner, p)
     made = {(f"{pt.path}.{n}" if pt.path else n): m for pt in patches for n, m in pt.modules.items()}

@@ -14,7 +14,15 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ._compat import FakeTensor, FakeTensorMode, TorchDispatchMode, from_tensor, route_calls, unroute_calls
+from ._compat import (
+    FakeTensor,
+    FakeTensorMode,
+    TorchDispatchMode,
+    from_tensor,
+    route_calls,
+    unroute_calls,
+    wrapped_module,
+)
 
 __all__ = ["fake_mode", "structural_copy", "NeutralScalars"]
 
@@ -176,6 +184,9 @@ def run_copy(model: nn.Module, size: tuple[int, int, int], watch=()) -> dict[int
     seen: dict[int, tuple] = {}
 
     def dispatch(mod, args, kwargs):
+        inner = wrapped_module(mod)
+        if inner is not None:
+            return dispatch(inner, args, kwargs)
         if id(mod) in watched and args and isinstance(args[0], torch.Tensor):
             seen.setdefault(watched[id(mod)], tuple(args[0].shape))
         return mod.forward(*args, **kwargs)

@@ -12,13 +12,11 @@ The workflow mirrors PEFT's for adapters::
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
 from ._checks import check_model
 from .errors import NotPatchedError
-from .patch import is_patched_module, original_class, unpatch
+from .patch import copy_model, is_patched_module, original_class, unpatch
 from .plan import is_patched, se_modules
 
 __all__ = ["se_parameters", "mark_only_se_trainable", "param_groups", "strip"]
@@ -128,7 +126,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     if not is_patched(check_model(model)):
         raise _no_se(model, "there is nothing to strip")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     # Every class is worked out first (one derived by another library may be refused),
     # so a refusal leaves even an in-place model whole.
     classes = {id(m): (m, original_class(m)) for m in target.modules() if is_patched_module(m)}

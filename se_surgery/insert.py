@@ -16,7 +16,7 @@ from .errors import PlanError
 from .fake import model_device_dtype
 from .inner import inline_path
 from .nodes import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, add_operands, ancestors, is_activation_module
-from .patch import OwnerPatch, patched_class, source_of, swap
+from .patch import OwnerPatch, copy_model, patched_class, source_of, swap
 from .plan import Plan, PlannedSite, fingerprint
 from .plan import plan as make_plan
 from .se import SqueezeExcite
@@ -248,7 +248,7 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
     if not p.entries:
         raise PlanError(f"nothing to add SE to in {type(model).__name__}: it has no residual, branch-sum or concat "
                         "join (se-surgery sites MODEL -v shows every join and why it is no site)")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     patches = build_patches(target, p)
     swap(target, patches)
     return target

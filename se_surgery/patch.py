@@ -25,7 +25,8 @@ from torch import nn
 from ._compat import exec_source, format_import_block, pytree_info
 from .errors import SESurgeryError, TraceError
 
-__all__ = ["OwnerPatch", "patched_class", "swap", "unpatch", "is_patched_module", "base_class", "generated_class"]
+__all__ = ["OwnerPatch", "patched_class", "copy_model", "swap", "unpatch", "original_class", "is_patched_module",
+           "base_class", "generated_class"]
 
 _CLASSES: dict[tuple, type] = {}
 
@@ -45,6 +46,10 @@ def _reduce_ex(self, protocol):
     if "_se_surgery_base" not in cls.__dict__:
         # A class someone derived from ours (parametrize's): its own protocol decides.
         return super(generated_class(cls), self).__reduce_ex__(protocol)
+    if "<locals>" in cls._se_surgery_base.__qualname__:
+        raise SESurgeryError(
+            f"{cls.__name__} (a class made at run time, such as an fx GraphModule's) cannot be pickled with its SE; "
+            "save the SE with se_surgery.save_se(model, path) and redo it with se_surgery.load_se on a fresh model")
     return _rebuild, (cls._se_surgery_base, cls._se_surgery_source, cls._se_surgery_added,
                       cls._se_surgery_instance_attrs), self.__dict__
 
@@ -56,6 +61,29 @@ def _deepcopy(self, memo):
     memo[id(self)] = new
     object.__setattr__(new, "__dict__", copy.deepcopy(self.__dict__, memo))
     return new
+
+
+def _recompile(self):
+    """``GraphModule.recompile`` that leaves the rewritten forward in place.
+
+    GraphModule writes the graph's code onto ``type(self)`` whenever its graph is set
+    (torchvision's feature extractors set it on every ``train()``/``eval()``): that is the
+    generated class here, whose forward must stay. Calls go on through the base class's
+    own call wrapper, as before the patch.
+    """
+    gen: Any = generated_class(type(self))
+    before = self.__dict__.get("_code")
+    result = super(gen, self).recompile()
+    cls = type(self)
+    for name in ("forward", "__call__", "_wrapped_call"):
+        if name in cls.__dict__:
+            delattr(cls, name)
+    gen.forward = gen._se_surgery_forward
+    if before is not None and self._code != before:
+        raise SESurgeryError(f"the graph of {gen.__name__} changed after se-surgery rewrote its forward, which "
+                             "still runs the old graph; call se_surgery.strip(model) first, change the graph, "
+                             "then se_surgery.apply again")
+    return result
 
 
 # Methods that rebuild a block into another structure (re-parameterisation to one conv):
@@ -85,9 +113,13 @@ def patched_class(base: type, source: str, added: tuple[str, ...], instance_attr
     cls = _CLASSES.get(key)
     if cls is None:
         guards = {name: _refuse_restructure(name) for name in _RESTRUCTURING if callable(getattr(base, name, None))}
+        forward = _forward_from(base, source)
+        if issubclass(base, fx.GraphModule):
+            guards["recompile"] = _recompile
         attrs = {
             **guards,
-            "forward": _forward_from(base, source),
+            "forward": forward,
+            "_se_surgery_forward": forward,
             "__module__": base.__module__,
             "__qualname__": base.__qualname__,
             "__reduce_ex__": _reduce_ex,
@@ -142,6 +174,22 @@ def base_class(m: nn.Module) -> type:
     """``m``'s own class before se-surgery patched it."""
     gen = generated_class(type(m))
     return cast(Any, gen)._se_surgery_base if gen is not None else type(m)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` in the train/eval mode of each of ``model``'s modules.
+
+    Some classes' own ``__deepcopy__`` resets the mode: torchvision's ``DualGraphModule``
+    (``create_feature_extractor``) comes back in train mode. Where a module's mode differs
+    from the original's, its own ``train()`` sets it (so a DualGraphModule takes the graph
+    of that mode), outer modules first.
+    """
+    new = copy.deepcopy(model)
+    modes = {name: m.training for name, m in model.named_modules()}
+    for name, m in new.named_modules():
+        if name in modes and m.training != modes[name]:
+            m.train(modes[name])
+    return new
 
 
 def swap(model: nn.Module, patches: list[OwnerPatch]) -> None:

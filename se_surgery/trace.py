@@ -29,11 +29,10 @@ from ._checks import check_model
 from ._compat import (
     PH,
     flop_counter,
-    is_compiled_wrapper,
-    orig_mod,
     process_inputs,
     timm_registries,
     unset_fake_temporarily,
+    wrapped_module,
 )
 from .errors import ModelTypeError, TraceError
 from .fake import fake_mode, model_device_dtype, run_fake, structural_copy
@@ -170,6 +169,16 @@ def _trace_with_flag(module: nn.Module, flag: bool, opts: TracerOptions, fns, co
     for n in graph.nodes:  # the graph keeps plain bools, as fx would have recorded them
         n.args, n.kwargs = fx.node.map_aggregate(n.args, plain), fx.node.map_aggregate(n.kwargs, plain)
     return graph, constants, bool(reads)
+
+
+def _graphs_differ_by_mode(m: nn.Module) -> bool:
+    """Whether ``m`` swaps in another fx graph in train mode (torchvision's feature
+    extractors, ``DualGraphModule``, hold ``train_graph`` and ``eval_graph``): its forward
+    then differs by mode without reading ``self.training``."""
+    graphs = [m.__dict__.get(k) for k in ("train_graph", "eval_graph")]
+    if not all(isinstance(g, fx.Graph) for g in graphs):
+        return False
+    return len({g.python_code("self").src for g in graphs}) > 1
 
 
 class _Tensor:
@@ -343,8 +352,9 @@ class _Walker:
         self.order = 0
 
     def dispatch(self, m: nn.Module, args: tuple, kwargs: dict):
-        if is_compiled_wrapper(m):
-            return self.dispatch(cast(nn.Module, orig_mod(m)), args, kwargs)
+        inner = wrapped_module(m)
+        if inner is not None:
+            return self.dispatch(inner, args, kwargs)
         if _is_layer(m):
             return m.forward(*args, **kwargs)
         mg = self.graphs.get(id(m))
@@ -389,6 +399,7 @@ class _Walker:
             mg.quiet = bool(self.quiet) and isinstance(m, self.quiet) and all(map(_is_layer, m.children()))
             return mg
         mg.graph, mg.constants = graph, constants
+        mg.train_dependent = mg.train_dependent or _graphs_differ_by_mode(m)
         return mg
 
     @staticmethod

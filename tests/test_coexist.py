@@ -99,3 +99,45 @@ def test_strip_works_through_a_class_parametrize_derived_from_the_patched_one():
     assert torch.equal(back[1][0].gamma, torch.full((1, 8, 1, 1), 2.0))
     parametrize.remove_parametrizations(back[1][0], "gamma")
     assert type(back[1][0]) is _GammaBlock
+
+
+def test_a_torchvision_feature_extractor_keeps_its_mode_and_switches_after_apply():
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    extractor = create_feature_extractor(torchvision.models.resnet18(), {"layer4": "out"}).eval()
+    patched = se_surgery.apply(extractor, "all_stages", input_size=64)
+    assert not patched.training and len(se_surgery.se_parameters(patched)) == 8 * 4
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(patched(x)["out"], extractor(x)["out"])
+    for mode in (True, False, True):  # each switch sets the graph of that mode (a recompile)
+        patched.train(mode)
+        extractor.train(mode)
+        assert torch.equal(patched(x)["out"], extractor(x)["out"])  # train mode: both update their statistics
+    back = se_surgery.strip(patched.eval())
+    extractor.eval()
+    assert not se_surgery.is_patched(back) and torch.equal(back(x)["out"], extractor(x)["out"])
+    assert back.train().training and not back.eval().training
+    assert torch.equal(back(x)["out"], extractor(x)["out"])
+
+
+class _ModeNet(nn.Module):
+    """A block at the root whose forward takes another path in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        x = x * 0.5 if self.training else x
+        return x + torch.relu(self.bn(self.conv(x)))
+
+
+def test_a_feature_extractor_with_other_graphs_in_train_mode_is_not_rewritten():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    extractor = create_feature_extractor(_ModeNet(), ["add"]).eval()
+    assert se_surgery.find_sites(extractor, (3, 16, 16)) == []
+    with pytest.raises(se_surgery.PlanError, match="nothing to add SE to"):
+        se_surgery.apply(extractor, input_size=(3, 16, 16))
