@@ -141,3 +141,30 @@ def test_a_feature_extractor_with_other_graphs_in_train_mode_is_not_rewritten():
     assert se_surgery.find_sites(extractor, (3, 16, 16)) == []
     with pytest.raises(se_surgery.PlanError, match="nothing to add SE to"):
         se_surgery.apply(extractor, input_size=(3, 16, 16))
+
+
+def test_fsdp2_goes_after_apply_and_a_sharded_model_is_refused_with_what_to_do(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    import torchvision
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        patched = se_surgery.apply(torchvision.models.resnet18().eval(), "late_stages", input_size=64)
+        reference = copy.deepcopy(patched)
+        for block in (*patched.layer3, *patched.layer4):
+            fully_shard(block)
+        fully_shard(patched)
+        x = torch.randn(1, 3, 64, 64)
+        assert torch.equal(patched(x), reference(x))  # SE first, sharding after: supported
+        assert len(se_surgery.se_parameters(patched)) == 16  # names only: fine on a sharded model
+        sharded = r"^FSDP\w+ is sharded with fully_shard \(FSDP2\); se-surgery works on the whole, unsharded model: "
+        for call in (lambda: se_surgery.strip(patched), lambda: se_surgery.save_se(patched, tmp_path / "se.st"),
+                     lambda: se_surgery.report(patched), lambda: se_surgery.apply(fully_shard(nn.Sequential(
+                         nn.Conv2d(3, 3, 1))))):
+            with pytest.raises(se_surgery.ModelTypeError, match=sharded):
+                call()
+    finally:
+        dist.destroy_process_group()
