@@ -8,7 +8,12 @@ import pickle
 
 import pytest
 import torch
+import torch.distributed as dist
+import torchvision
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.nn.utils import parametrize
+from torchvision.models.feature_extraction import create_feature_extractor
 
 import se_surgery
 
@@ -77,8 +82,6 @@ class _Double(nn.Module):
 
 
 def test_strip_works_through_a_class_parametrize_derived_from_the_patched_one():
-    from torch.nn.utils import parametrize
-
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(_GammaBlock(8), _GammaBlock(8))).eval()
     with pytest.warns(se_surgery.SESurgeryWarning):  # the layer-scale placement note
@@ -102,14 +105,12 @@ def test_strip_works_through_a_class_parametrize_derived_from_the_patched_one():
 
 
 def test_a_torchvision_feature_extractor_keeps_its_mode_and_switches_after_apply():
-    import torchvision
-    from torchvision.models.feature_extraction import create_feature_extractor
-
     torch.manual_seed(0)
-    extractor = create_feature_extractor(torchvision.models.resnet18(), {"layer4": "out"}).eval()
-    patched = se_surgery.apply(extractor, "all_stages", input_size=64)
-    assert not patched.training and len(se_surgery.se_parameters(patched)) == 8 * 4
-    x = torch.randn(2, 3, 64, 64)
+    small = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    extractor = create_feature_extractor(small, {"layer4": "out"}).eval()
+    patched = se_surgery.apply(extractor, "all_stages", input_size=32)
+    assert not patched.training and len(se_surgery.se_parameters(patched)) == 4 * 4
+    x = torch.randn(2, 3, 32, 32)
     assert torch.equal(patched(x)["out"], extractor(x)["out"])
     for mode in (True, False, True):  # each switch sets the graph of that mode (a recompile)
         patched.train(mode)
@@ -135,8 +136,6 @@ class _ModeNet(nn.Module):
 
 
 def test_a_feature_extractor_with_other_graphs_in_train_mode_is_not_rewritten():
-    from torchvision.models.feature_extraction import create_feature_extractor
-
     extractor = create_feature_extractor(_ModeNet(), ["add"]).eval()
     assert se_surgery.find_sites(extractor, (3, 16, 16)) == []
     with pytest.raises(se_surgery.PlanError, match="nothing to add SE to"):
@@ -144,11 +143,6 @@ def test_a_feature_extractor_with_other_graphs_in_train_mode_is_not_rewritten():
 
 
 def test_fsdp2_goes_after_apply_and_a_sharded_model_is_refused_with_what_to_do(tmp_path):
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    import torchvision
-
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
