@@ -16,6 +16,7 @@ the tensor the original forward made on each call), and :func:`unpatch` removes 
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -29,6 +30,7 @@ __all__ = ["OwnerPatch", "patched_class", "copy_model", "swap", "unpatch", "orig
            "base_class", "generated_class"]
 
 _CLASSES: dict[tuple, type] = {}
+_CLASSES_LOCK = threading.Lock()  # two threads patching alike blocks get one class
 
 
 def _forward_from(base: type, source: str) -> object:
@@ -110,27 +112,32 @@ def patched_class(base: type, source: str, added: tuple[str, ...], instance_attr
     patched ``BasicBlock`` still prints and reports as ``BasicBlock``.
     """
     key = (base, source, tuple(added), tuple(instance_attrs))
-    cls = _CLASSES.get(key)
-    if cls is None:
-        guards = {name: _refuse_restructure(name) for name in _RESTRUCTURING if callable(getattr(base, name, None))}
-        forward = _forward_from(base, source)
-        if issubclass(base, fx.GraphModule):
-            guards["recompile"] = _recompile
-        attrs = {
-            **guards,
-            "forward": forward,
-            "_se_surgery_forward": forward,
-            "__module__": base.__module__,
-            "__qualname__": base.__qualname__,
-            "__reduce_ex__": _reduce_ex,
-            "__deepcopy__": _deepcopy,
-            "_se_surgery_base": base,
-            "_se_surgery_source": source,
-            "_se_surgery_added": tuple(added),
-            "_se_surgery_instance_attrs": tuple(instance_attrs),
-        }
-        cls = _CLASSES[key] = type(base.__name__, (base,), attrs)
+    with _CLASSES_LOCK:
+        cls = _CLASSES.get(key)
+        if cls is None:
+            cls = _CLASSES[key] = _make_class(base, source, added, instance_attrs)
     return cls
+
+
+def _make_class(base: type, source: str, added: tuple[str, ...], instance_attrs: tuple[str, ...]) -> type:
+    guards = {name: _refuse_restructure(name) for name in _RESTRUCTURING if callable(getattr(base, name, None))}
+    if issubclass(base, fx.GraphModule):
+        guards["recompile"] = _recompile
+    forward = _forward_from(base, source)
+    attrs = {
+        **guards,
+        "forward": forward,
+        "_se_surgery_forward": forward,  # what _recompile puts back
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__reduce_ex__": _reduce_ex,
+        "__deepcopy__": _deepcopy,
+        "_se_surgery_base": base,
+        "_se_surgery_source": source,
+        "_se_surgery_added": tuple(added),
+        "_se_surgery_instance_attrs": tuple(instance_attrs),
+    }
+    return type(base.__name__, (base,), attrs)
 
 
 def source_of(graph: fx.Graph) -> tuple[str, dict]:

@@ -116,6 +116,8 @@ def test_a_torchvision_feature_extractor_keeps_its_mode_and_switches_after_apply
         patched.train(mode)
         extractor.train(mode)
         assert torch.equal(patched(x)["out"], extractor(x)["out"])  # train mode: both update their statistics
+    with pytest.raises(se_surgery.SESurgeryError, match=r"cannot be pickled with its SE; save the SE with se_surgery"):
+        pickle.dumps(patched)  # its class is made at run time (GraphModule's per-instance class)
     back = se_surgery.strip(patched.eval())
     extractor.eval()
     assert not se_surgery.is_patched(back) and torch.equal(back(x)["out"], extractor(x)["out"])
