@@ -204,20 +204,7 @@ def build_space(model: nn.Module, input_size=None, *, modules: Sequence[str] | N
     ratios = list(ratios or spec.get("ratio") or RATIOS)
     variants = list(variants or spec.get("variant") or VARIANTS)
     select, defaults = dict(spec.get("select", {})), dict(spec.get("defaults", {}))
-    from .modules import accepts
-
-    combos: list[str] = []
-    for m in modules:
-        for r in (ratios if _known_module(m) and accepts(m, "ratio") else [None]):
-            for v in variants:
-                c = _choice(m, r, v)
-                if c not in combos:
-                    combos.append(c)
-    for c in combos:
-        try:
-            load_rules({"defaults": defaults, "rules": [{"select": {"stage": 1, **select}, **_parse_choice(c)}]})
-        except RuleError as e:
-            raise SearchError(f"search choice {c} (module/ratio/variant): {e}") from None
+    combos = _combos(modules, ratios, variants, select, defaults)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         d = discover(model, input_size)
@@ -247,10 +234,24 @@ def build_space(model: nn.Module, input_size=None, *, modules: Sequence[str] | N
     return Space(choices, select, defaults)
 
 
-def _known_module(name: str) -> bool:
-    from .modules import module_names
+def _combos(modules: list, ratios: list, variants: list, select: dict, defaults: dict) -> list[str]:
+    """Every ``module/ratio/variant`` choice (no ratio for a module without one), each checked as a rule."""
+    from .modules import accepts, module_names
+    from .rules import load_rules
 
-    return name in module_names()
+    combos: list[str] = []
+    for m in modules:
+        for r in (ratios if m in module_names() and accepts(m, "ratio") else [None]):
+            for v in variants:
+                c = _choice(m, r, v)
+                if c not in combos:
+                    combos.append(c)
+    for c in combos:
+        try:
+            load_rules({"defaults": defaults, "rules": [{"select": {"stage": 1, **select}, **_parse_choice(c)}]})
+        except RuleError as e:
+            raise SearchError(f"search choice {c} (module/ratio/variant): {e}") from None
+    return combos
 
 
 # --------------------------------------------------------------------------- study
@@ -490,6 +491,17 @@ class _Run:
                        f"{src.number} ({src.state.name.lower()}), answered from the study")
 
 
+def _check_args(cost: str, trials: int, seeds: int, pruner: str, prune_after: int, timeout: float | None) -> None:
+    _check_cost(cost)
+    for name, value, low in (("trials", trials, 0), ("seeds", seeds, 1), ("prune-after", prune_after, 1)):
+        if value < low:
+            raise SearchError(f"--{name} {value}: must be at least {low}")
+    if pruner not in ("median", "none"):
+        raise SearchError(f"--pruner {pruner!r}: use median or none")
+    if timeout is not None and not timeout > 0:
+        raise SearchError(f"--timeout {timeout}: must be a positive number of seconds")
+
+
 def _check_cost(cost: str) -> None:
     if cost == "latency":
         raise SearchError("--objective latency is not available yet: it needs measured latency from "
@@ -501,15 +513,17 @@ def _check_cost(cost: str) -> None:
 
 def run(model: nn.Module, data: Data, config: SweepConfig, *, space: Space, cost: str = "params", trials: int = 20,
         timeout: float | None = None, seeds: int = 1, storage: str | None = None, study: str | None = None,
-        sampler: str = "tpe", sampler_seed: int | None = None, pruner: str = "median", prune_after: int = 4, out: str | Path = "search.jsonl",
+        sampler: str = "tpe", sampler_seed: int | None = None, pruner: str = "median", prune_after: int = 4,
+        out: str | Path = "search.jsonl",
         export_path: str | Path | None = None, plot_path: str | Path | None = None, device: str | None = None,
         progress: bool | None = None) -> list[dict]:
     """Run (or resume, or with ``trials=0`` only report) a search; return :func:`summaries` of the study.
 
     ``model`` is the base (with its head for ``data``; not changed). ``trials`` is the
     study's total over every worker. ``sampler_seed`` makes one worker's proposals
-    repeatable (workers sharing a study should leave it out or give each its own). Rank 0 prints a line per trial and, at the end, the
-    Pareto front (:func:`front_table`), writes ``export_path`` (:func:`export`) and ``plot_path``.
+    repeatable (workers sharing a study should leave it out or give each its own).
+    Rank 0 prints a line per trial and, at the end, the Pareto front (:func:`front_table`);
+    it writes ``export_path`` (:func:`export`) and ``plot_path`` (:func:`plot`).
 
     Example (three trials in a space of 3 placements, two optimizer steps each):
         >>> import tempfile
@@ -528,13 +542,7 @@ def run(model: nn.Module, data: Data, config: SweepConfig, *, space: Space, cost
     """
     optuna = _optuna()
     config.check()
-    _check_cost(cost)
-    if trials < 0 or seeds < 1 or prune_after < 1:
-        raise SearchError("--trials must be at least 0, --seeds and --prune-after at least 1")
-    if pruner not in ("median", "none"):
-        raise SearchError(f"--pruner {pruner!r}: use median or none")
-    if timeout is not None and timeout <= 0:
-        raise SearchError(f"--timeout {timeout}: must be a positive number of seconds")
+    _check_args(cost, trials, seeds, pruner, prune_after, timeout)
     out = Path(out)
     d = Dist(device)
     try:

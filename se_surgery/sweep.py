@@ -275,7 +275,7 @@ def _fine_tune(model: nn.Module, data: Data, config: SweepConfig, d: Dist, seed:
 
 def _run_trial(base: nn.Module, trial: Trial, resolved: dict | None, cost: dict, data: Data, config: SweepConfig,
                d: Dist, key: str, progress: bool, on_epoch=None) -> dict:
-    """Fine-tune and evaluate one trial; ``on_epoch(model, epoch, steps)`` runs after each epoch (search prunes there)."""
+    """Fine-tune and evaluate one trial; ``on_epoch(model, epoch, steps)`` runs after each epoch (search prunes)."""
     import se_surgery
 
     start = time.perf_counter()
