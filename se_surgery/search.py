@@ -281,7 +281,11 @@ def _storage(spec: str | None, out: Path, name: str):
     if path.suffix in (".db", ".sqlite", ".sqlite3"):
         return _storage(f"sqlite:///{path.resolve()}", out, name)
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        from optuna.storages.journal import JournalFileBackend
+    except ImportError:  # Optuna 3.x names it JournalFileStorage
+        from optuna.storages import JournalFileStorage as JournalFileBackend  # type: ignore[attr-defined,no-redef]
 
     return JournalStorage(JournalFileBackend(str(path))), str(path)
 
@@ -657,9 +661,14 @@ def front_table(rows: list[dict], cost: str = "params") -> str:
     lines = [f"Pareto front: {len(on)} of {len(rows)} completed placements (accuracy up, added {cost} down)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in on:
-        lines.append(f"| {r['trial']} | {_mean_std(r['accuracy_by_seed'])} | {r['added_params']:,} | "
-                     f"{r['added_macs']:,} | {r['sites']} | {r['placement']} |")
+        cells = [r["trial"], _mean_std(r["accuracy_by_seed"]), *(_count(r.get(k)) for k in ("added_params",
+                 "added_macs", "sites")), r["placement"] or "?"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
+
+
+def _count(n) -> str:
+    return "?" if n is None else f"{n:,}"  # "?": a trial added to the study by other means than search
 
 
 def best(rows: list[dict]) -> dict:
