@@ -306,15 +306,22 @@ def _open_study(storage, name: str, sampler, settings: dict, explicit: bool):
     optuna = _optuna()
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, load_if_exists=True,
                                 directions=["maximize", "minimize"])
-    stored = study.user_attrs.get("se_surgery")
+    stored, mine = study.user_attrs.get("se_surgery"), json.loads(json.dumps(settings, default=str))
     if stored is None:
-        study.set_user_attr("se_surgery", json.loads(json.dumps(settings, default=str)))
-    elif stored != json.loads(json.dumps(settings, default=str)):
-        diff = sorted(k for k in set(stored) | set(settings) if stored.get(k) != json.loads(
-            json.dumps(settings.get(k), default=str)))
+        study.set_user_attr("se_surgery", mine)
+    elif stored != mine:
+        flat = {**mine, **{f"config.{k}": v for k, v in mine["config"].items()}}
+        old = {**stored, **{f"config.{k}": v for k, v in stored.get("config", {}).items()}}
+        diff = sorted(k for k in set(flat) | set(old) if k != "config" and flat.get(k) != old.get(k))
+        shown = ", ".join(f"{k}: {_short(old.get(k))} there, {_short(flat.get(k))} here" for k in diff[:3])
         hint = "; give another --study" if explicit else ""
-        raise SearchError(f"study {name!r} was run with other settings ({', '.join(diff)} differ){hint}")
+        raise SearchError(f"study {name!r} was run with other settings ({shown}){hint}")
     return study
+
+
+def _short(value, limit: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _alive(pid: int) -> bool:
@@ -550,7 +557,10 @@ def run(model: nn.Module, data: Data, config: SweepConfig, *, space: Space, cost
     out = Path(out)
     d = Dist(device)
     try:
-        settings = {"config": asdict(config), "input_size": list(data.input_size), "seeds": seeds, "cost": cost,
+        # File names, not paths: workers on other machines mount the same files elsewhere.
+        cfg = dict(asdict(config), data=Path(config.data).name,
+                   weights=None if config.weights is None else Path(config.weights).name)
+        settings = {"config": cfg, "input_size": list(data.input_size), "seeds": seeds, "cost": cost,
                     "space": space.to_dict(), "world": d.world}
         name = study or _study_name(config, settings)
         st = None

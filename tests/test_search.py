@@ -147,6 +147,16 @@ def test_trials_zero_only_reports_and_exports(searched):
     assert again[again.index("Pareto front"):].splitlines()[:len(front)] == front
 
 
+def test_a_study_refuses_other_settings(searched):
+    d, args, _ = searched
+    name = next(d.glob("*.journal")).stem
+    other = [a if a != "2" else "3" for a in args] + ["--study", name]  # --max-steps 3
+    rc, _, err = run_cli(other)
+    assert rc == 2
+    assert err == (f"se-surgery: error: study {name!r} was run with other settings (config.max_steps: 2 there, 3 "
+                   "here); give another --study\n")
+
+
 def test_pruned_trial_is_recorded_as_pruned(tmp_path):
     # A completed trial that reached 101 % after epoch 1 puts the median out of reach.
     store = tmp_path / "p.journal"
