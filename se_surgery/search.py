@@ -554,6 +554,8 @@ def run(model: nn.Module, data: Data, config: SweepConfig, *, space: Space, cost
     optuna = _optuna()
     config.check()
     _check_args(cost, trials, seeds, pruner, prune_after, timeout)
+    if export_path is not None and not Path(export_path).absolute().parent.is_dir():
+        raise SearchError(f"--export {str(export_path)!r}: folder {str(Path(export_path).parent)!r} does not exist")
     out = Path(out)
     d = Dist(device)
     try:

@@ -60,6 +60,7 @@ def finished(study) -> list:
     return study.get_trials(states=(S.COMPLETE, S.PRUNED))
 
 
+@pytest.mark.slow  # a second Python process imports torch and timm: seconds, more on a loaded machine
 def test_two_workers_share_one_study(tmp_path):
     # One worker in a new process, one in this one (it has torch imported already), started
     # once the other is in its first trial, so that the two run side by side.
@@ -79,6 +80,7 @@ def test_two_workers_share_one_study(tmp_path):
     # A failed trial may only be one asked at the very moment the study filled up.
     assert all(t.user_attrs.get("surplus") for t in study.get_trials(states=(S.FAIL,)))
     files = {i: {r["trial"] for r in lines(tmp_path / f"w{i}.jsonl")} for i in (0, 1)}
+    print(f"worker 0 trained trials {sorted(files[0])}, worker 1 {sorted(files[1])}")
     assert not files[0] & files[1]  # no trial trained twice
     trained = {t.number for t in done if "duplicate_of" not in t.user_attrs}
     assert files[0] | files[1] == trained
@@ -87,6 +89,7 @@ def test_two_workers_share_one_study(tmp_path):
             assert t.number in files[int(Path(t.user_attrs["out"]).stem[1])]
 
 
+@pytest.mark.slow  # as above
 def test_killed_worker_resumes(tmp_path):
     out = tmp_path / "k.jsonl"
     args = ["--trials", "4", "--pruner", "none", "--out", str(out), "--sampler-seed", "1"]
@@ -103,8 +106,10 @@ def test_killed_worker_resumes(tmp_path):
     study = journal(next(tmp_path.glob("*.journal")))
     assert len(finished(study)) == 4
     assert not study.get_trials(states=(S.RUNNING,))
-    for t in study.get_trials(states=(S.FAIL,)):  # only the killed worker's trial failed
-        assert t.user_attrs["pid"] == p.pid
+    failed = study.get_trials(states=(S.FAIL,))
+    assert all(t.user_attrs["pid"] == p.pid for t in failed)  # only the killed worker's trial failed
+    assert stdout.count(f"its worker (pid {p.pid}) is gone; marked failed") == len(failed)
+    print(f"killed worker left {len(failed)} running trial(s)")
     recs = [r for r in lines(out) if r["state"] == "complete"]
     assert {t.number for t in finished(study) if "duplicate_of" not in t.user_attrs} <= {r["trial"] for r in recs}
 
