@@ -44,10 +44,7 @@ def worker(args: list[str]) -> subprocess.Popen:
 
 
 def journal(path: Path, name: str | None = None):
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    storage = JournalStorage(JournalFileBackend(str(path)))
+    storage = search._storage(str(path), path, "")[0]  # the journal file as search opens it
     name = name or optuna.get_all_study_names(storage)[0]
     return optuna.load_study(study_name=name, storage=storage)
 
@@ -164,10 +161,7 @@ def test_pruned_trial_is_recorded_as_pruned(tmp_path):
     space = search.build_space(build_for_training(MODEL, 10), 16)
     dists = {space.param(s): optuna.distributions.CategoricalDistribution(list(c)) for s, c in space.choices.items()}
     params = {k: d.choices[-1] for k, d in dists.items()}
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    study = optuna.create_study(study_name="prune", storage=JournalStorage(JournalFileBackend(str(store))),
+    study = optuna.create_study(study_name="prune", storage=search._storage(str(store), store, "")[0],
                                 directions=["maximize", "minimize"])
     study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=[1.0, 1.0],
                                               user_attrs={"acc_s0_e1": 1.01}))
