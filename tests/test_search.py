@@ -199,3 +199,23 @@ def test_search_without_optuna_says_what_to_install(monkeypatch):
     rc, _, err = run_cli(["search", MODEL, "--data", "digits"])
     assert rc == 2
     assert err == "se-surgery: error: search needs Optuna: pip install 'se-surgery[search]' (optuna>=3.6)\n"
+
+
+def test_space_file_says_what_is_searched(tmp_path):
+    model = build_for_training(MODEL, 10)
+    f = tmp_path / "space.yaml"
+    f.write_text("stages: [3, 4]\nmodule: [se, eca]\nratio: [8]\nvariant: [post]\ndefaults: {init: identity}\n")
+    space = search.build_space(model, 16, space_file=f)
+    assert space.choices == {3: ("off", "se/8/post", "eca/post"), 4: ("off", "se/8/post", "eca/post")}
+    rules = space.rules({"stage3": "eca/post", "stage4": "se/8/post"})
+    assert rules == {"defaults": {"init": "identity"}, "rules": [
+        {"select": {"stage": 3}, "module": "eca", "variant": "post"},
+        {"select": {"stage": 4}, "module": "se", "variant": "post", "ratio": 8}]}
+    assert len(se_surgery.plan(model, rules, input_size=16).selected) == 2
+    # the command line's lists replace the file's
+    assert search.build_space(model, 16, space_file=f, variants=["standard"]).choices[4] == (
+        "off", "se/8/standard", "eca/standard")
+    f.write_text("stages: [5]\n")
+    with pytest.raises(search.SearchError, match=r"stage\(s\) \[5\] not in ResNet, whose sites are in stages "
+                                                 r"\[1, 2, 3, 4\]"):
+        search.build_space(model, 16, space_file=f)
