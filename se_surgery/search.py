@@ -603,7 +603,9 @@ def run(model: nn.Module, data: Data, config: SweepConfig, *, space: Space, cost
                 best = export(rows, export_path, name)
                 d.log(f"rules of trial {best['trial']} ({best['placement']}) written to {export_path}")
             if plot_path:
-                plot(rows, plot_path, cost, title=f"{config.model} on {config.data}: study {name}")
+                pruned = len(st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)))
+                plot(rows, plot_path, cost, title=f"{config.model} on {config.data}: {len(rows)} placements "
+                                                  f"completed, {pruned} trials pruned")
                 d.log(f"plot written to {plot_path}")
         return rows
     finally:
