@@ -503,6 +503,110 @@ def _add_sweep_parser(sub) -> None:
 # ---------------------------------------------------------------- end of sweep block
 
 
+# ---------------------------------------------------------------- search (issue 20)
+
+
+def _cmd_search(args) -> int:
+    from . import search, sweep
+    from .train import load_base_weights, load_data, seed_everything
+
+    try:
+        import optuna
+    except ImportError:
+        raise SESurgeryError("search needs Optuna: pip install 'se-surgery[search]' (optuna>=3.6)") from None
+    # Everything that can be checked without data or a model is checked first.
+    objectives = args.objective or ["accuracy", "params"]
+    costs = [o for o in objectives if o != "accuracy"]
+    if len(costs) != 1 or len(objectives) > 2:
+        raise search.SearchError(f"--objective {' --objective '.join(objectives)}: give accuracy and one cost, "
+                                 f"such as --objective accuracy --objective params (costs: {', '.join(search.COSTS)})")
+    search._check_args(costs[0], args.trials, args.seeds, args.pruner, args.prune_after, args.timeout)
+    sweep.SweepConfig(args.model, args.data, epochs=args.epochs, max_steps=args.max_steps,
+                      batch_size=args.batch_size).check()
+    if args.plot:
+        _check_plot_path(args.plot)
+    if args.space:
+        search.read_space(args.space)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # this command prints its own line per trial
+    data = load_data(args.data, args.input_size, workers=args.workers)
+    seed_everything(0)  # the fresh head is the same in every worker and every rerun
+    model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
+    if args.weights:
+        load_base_weights(model, args.weights, log=lambda m: print(m, file=sys.stderr))
+    config = sweep.SweepConfig(
+        model=args.model, weights=args.weights, pretrained=args.pretrained, data=args.data, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, se_lr=args.se_lr,
+        freeze_base=args.freeze_base)
+    space = search.build_space(model, data.input_size, modules=args.module, ratios=args.ratio,
+                               variants=args.variant, space_file=args.space)
+    search.run(model, data, config, space=space, cost=costs[0], trials=args.trials, timeout=args.timeout,
+               seeds=args.seeds, storage=args.storage, study=args.study, sampler=args.sampler,
+               sampler_seed=args.sampler_seed, pruner=args.pruner, prune_after=args.prune_after, out=args.out,
+               export_path=args.export, plot_path=args.plot, device=args.device)
+    return 0
+
+
+def _add_search_parser(sub) -> None:
+    p = sub.add_parser("search", help="find where attention should go: a multi-objective Optuna study",
+                       description="For each stage of MODEL, search whether attention goes there and with which "
+                                   "module, ratio and variant, maximising accuracy and minimising added params, "
+                                   "MACs or latency. Each trial is fine-tuned like a sweep trial. The study lives "
+                                   "in Optuna storage: run the same command on several machines to share it; "
+                                   "rerunning resumes. Needs optuna: pip install 'se-surgery[search]'.",
+                       formatter_class=_Help,
+                       epilog=_examples(
+                           "se-surgery search timm:test_resnet --data digits --weights base.safetensors "
+                           "--freeze-base --epochs 2 --trials 40 --export best.yaml --plot pareto.png",
+                           "se-surgery search tv:resnet50 --pretrained --data ~/data/flowers --module se "
+                           "--module eca --storage postgresql://user@host/db --study flowers --trials 200",
+                           "se-surgery search timm:test_resnet --data digits --trials 0 --export best.yaml",
+                           "", "See docs/search.md."))
+    p.add_argument("model", help="torchvision or timm model name; tv:NAME / timm:NAME forces the source")
+    p.add_argument("--data", required=True, help="'digits' (offline, scikit-learn) or an ImageFolder directory")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", metavar="FILE", help="local base checkpoint (safetensors or torch.save)")
+    w.add_argument("--pretrained", action="store_true", help="download the default pretrained weights")
+    p.add_argument("--module", action="append", metavar="M", help="attention module to search; repeatable "
+                                                                   "(default se)")
+    p.add_argument("--ratio", action="append", type=float, metavar="R",
+                   help="reduction ratio to search; repeatable (default 4, 8, 16, 32)")
+    p.add_argument("--variant", action="append", metavar="V", help="variant to search; repeatable "
+                                                                    "(default standard, post)")
+    p.add_argument("--space", metavar="FILE.yaml", help="which stages and choices are searched, fixed options "
+                                                        "(docs/search.md); --module, --ratio, --variant replace "
+                                                        "its lists")
+    p.add_argument("--objective", action="append", choices=("accuracy", "params", "macs", "latency"), metavar="O",
+                   help="accuracy and one cost: params, macs or latency (default: accuracy, params)")
+    p.add_argument("--trials", type=int, default=20, help="trials in the study, over every worker; 0 only "
+                                                          "reports and exports")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="start no trial after S seconds")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage: a URL (sqlite:///FILE, postgresql://...), a "
+                                                    ".db file (SQLite) or any other file (journal); default "
+                                                    "STUDY.journal next to --out")
+    p.add_argument("--study", metavar="NAME", help="study name (default: from the model, data, budget and space)")
+    p.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe", help="Optuna sampler")
+    p.add_argument("--sampler-seed", type=int, default=None, metavar="N", help="repeatable proposals (one worker)")
+    p.add_argument("--pruner", choices=("median", "none"), default="median",
+                   help="stop a trial whose accuracy after an epoch is below the completed trials' median")
+    p.add_argument("--prune-after", type=int, default=4, metavar="N",
+                   help="completed trials with that epoch's accuracy before the median prunes")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per trial; the accuracy is their mean")
+    p.add_argument("--epochs", type=int, default=1, help="training epochs per trial")
+    p.add_argument("--max-steps", type=int, default=None, help="stop each trial after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the base model")
+    p.add_argument("--se-lr", type=float, default=1e-2, help="learning rate of the attention modules")
+    p.add_argument("--freeze-base", action="store_true", help="train only the attention modules")
+    p.add_argument("--input-size", type=int, default=None, metavar="N",
+                   help="square input size (default 32 for digits, else 224)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda where there is one")
+    p.add_argument("--workers", type=int, default=4, help="data loader workers (ImageFolder only)")
+    p.add_argument("--out", default="search.jsonl", help="this worker's JSON lines file, appended to")
+    p.add_argument("--export", metavar="FILE.yaml", help="write the rules of the most accurate trial")
+    p.add_argument("--plot", metavar="FILE.png", help="accuracy against the cost, the Pareto front highlighted")
+    p.set_defaults(fn=_cmd_search)
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``se-surgery`` argument parser (one sub-parser per command).
 
@@ -595,6 +699,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_presets)
 
     _add_sweep_parser(sub)
+    _add_search_parser(sub)
     return ap
 
 

@@ -256,7 +256,7 @@ def _probe(dataset, n: int = 64) -> torch.Tensor:
 
 
 def _fine_tune(model: nn.Module, data: Data, config: SweepConfig, d: Dist, seed: int, se: bool,
-               desc: str, progress: bool) -> int:
+               desc: str, progress: bool, on_epoch=None) -> int:
     import se_surgery
 
     if config.freeze_base:
@@ -270,11 +270,12 @@ def _fine_tune(model: nn.Module, data: Data, config: SweepConfig, d: Dist, seed:
                    "weight_decay": config.weight_decay}]
     opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
     return train(model, data.train, opt, d, epochs=config.epochs, batch_size=config.batch_size, seed=seed,
-                 max_steps=config.max_steps, workers=data.workers, desc=desc, progress=progress)
+                 max_steps=config.max_steps, workers=data.workers, desc=desc, progress=progress, on_epoch=on_epoch)
 
 
 def _run_trial(base: nn.Module, trial: Trial, resolved: dict | None, cost: dict, data: Data, config: SweepConfig,
-               d: Dist, key: str, progress: bool) -> dict:
+               d: Dist, key: str, progress: bool, on_epoch=None) -> dict:
+    """Fine-tune and evaluate one trial; ``on_epoch(model, epoch, steps)`` runs after each epoch (search prunes)."""
     import se_surgery
 
     start = time.perf_counter()
@@ -284,7 +285,8 @@ def _run_trial(base: nn.Module, trial: Trial, resolved: dict | None, cost: dict,
         # Seeded before apply(): the SE modules' first FC starts from the same draw on every rank.
         model = se_surgery.apply(model, resolved, input_size=data.input_size, inplace=True)
     model.to(d.device)
-    steps = _fine_tune(model, data, config, d, trial.seed, resolved is not None, trial.label, progress)
+    hook = None if on_epoch is None else (lambda epoch, steps: on_epoch(model, epoch, steps))
+    steps = _fine_tune(model, data, config, d, trial.seed, resolved is not None, trial.label, progress, hook)
     _, correct, total = evaluate(model, data.test, d, workers=data.workers)
     drift = se_drift(model, _probe(data.test).to(d.device)) if resolved is not None else {}
     seconds = time.perf_counter() - start
