@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import NotPatchedError
 from .patch import is_patched_module, unpatch
-from .plan import is_patched, se_modules
+from .record import clear, inserted_modules, is_patched
 
 __all__ = ["se_parameters", "mark_only_se_trainable", "param_groups", "strip"]
 
@@ -40,7 +40,7 @@ def se_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         'layer1.0.se.fc1.weight'
     """
     out = {}
-    for name, mod in se_modules(model):
+    for name, mod, _ in inserted_modules(model):
         for pname, p in mod.named_parameters():
             out[f"{name}.{pname}"] = p
     return out
@@ -130,4 +130,5 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if id(m) not in seen and is_patched_module(m):
             seen.add(id(m))
             unpatch(m)
+    clear(target)  # the plan's facts on the root (the records went with their modules)
     return target

@@ -282,7 +282,8 @@ def _run_trial(base: nn.Module, trial: Trial, resolved: dict | None, cost: dict,
     model = copy.deepcopy(base)
     if resolved is not None:
         # Seeded before apply(): the SE modules' first FC starts from the same draw on every rank.
-        model = se_surgery.apply(model, resolved, input_size=data.input_size, inplace=True)
+        # The plan priced before the first trial: the sweep traces the model once, not per trial.
+        model = se_surgery.apply(model, cost["plan"], inplace=True)
     model.to(d.device)
     steps = _fine_tune(model, data, config, d, trial.seed, resolved is not None, trial.label, progress)
     _, correct, total = evaluate(model, data.test, d, workers=data.workers)
@@ -311,9 +312,10 @@ def _costs(base: nn.Module, settings: dict, input_size) -> dict:
     import se_surgery
 
     out = {}
+    analysis = se_surgery.analyze(base, input_size)  # traced once for every setting
     for setting, resolved in settings.items():
-        p = se_surgery.plan(base, resolved, input_size=input_size)
-        rep = se_surgery.report(base, resolved, input_size=input_size)
+        p = se_surgery.plan(analysis, resolved)
+        rep = se_surgery.report(analysis, p)
         opts = [e.options for e in p.selected]
         _, variant, ratio, module = setting
         out[setting] = {
@@ -321,6 +323,7 @@ def _costs(base: nn.Module, settings: dict, input_size) -> dict:
             "variant": variant if variant is not None else _one(o.variant for o in opts),
             "ratio": ratio if ratio is not None else _one(float(o.ratio) for o in opts),
             "module": module if module is not None else _one(getattr(o, "module", "se") for o in opts),
+            "plan": p,
         }
     return out
 
