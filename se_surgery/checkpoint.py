@@ -111,9 +111,8 @@ def _one_plan(model: nn.Module) -> PlanFacts:
     return found[0]
 
 
-def _metadata(inner: nn.Module, prefix: str, mods: list, include_base: bool) -> dict[str, str]:
+def _metadata(inner: nn.Module, prefix: str, mods: list, facts: PlanFacts, include_base: bool) -> dict[str, str]:
     """The checkpoint's metadata: the model's class and sites, the plan, and each module's record."""
-    facts = _one_plan(inner)
 
     def site_dict(site: Site) -> dict:
         d = site.to_dict()
@@ -167,7 +166,8 @@ def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = F
         warnings.warn(f"{len(trainable)} base parameter(s) of {type(inner).__name__} are trainable (e.g. "
                       f"{trainable[0]}): if they were trained, save_se(..., include_base=True) keeps them; this "
                       "checkpoint holds only the SE weights", SESurgeryWarning, stacklevel=2)
-    meta = _metadata(inner, prefix, mods, include_base)
+    # The facts are on the model apply() returned: a wrapper's when the wrapper was applied to.
+    meta = _metadata(inner, prefix, mods, _one_plan(model), include_base)
     state = inner.state_dict()
     names = {f"{name}.{k}" for name, m, _ in mods for k in m.state_dict()}
     keep = state if include_base else {k: v for k, v in state.items() if k in names}
