@@ -24,12 +24,12 @@ from .errors import (
 from .finetune import mark_only_se_trainable, param_groups, se_parameters, strip
 from .insert import apply
 from .modules import register_module
-from .plan import Plan, PlannedSite, plan
+from .plan import Plan, PlannedSite, analyze, plan
 from .record import Inserted, inserted_modules, is_patched
 from .report import Report, report
 from .rules import Rule, Rules, Selector, SEOptions, load_rules, preset_names
 from .se import SqueezeExcite
-from .sites import Analysis, Site, analyze, find_sites
+from .sites import Analysis, Site, find_sites
 from .trace import TracerOptions
 
 __version__ = "0.1.0"

@@ -211,9 +211,9 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from .plan import analyze
     from .report import report
     from .rules import load_rules
-    from .sites import analyze
 
     # Everything that can be checked without the model is checked first, so that a typo
     # fails at once rather than after the model is built and counted.

@@ -12,9 +12,9 @@ from . import modules
 from .errors import AlreadyPatchedError, ModelTypeError, PlanError, SESurgeryWarning, TraceError
 from .record import inserted_modules, is_patched
 from .rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
-from .sites import Analysis, Site, analysis_of, fingerprint
+from .sites import Analysis, Site, analysis_of, discover, fingerprint
 
-__all__ = ["Plan", "PlannedSite", "plan", "match", "check_model", "check_plan", "se_modules"]
+__all__ = ["Plan", "PlannedSite", "analyze", "plan", "match", "check_model", "check_plan", "se_modules"]
 
 
 def se_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -34,6 +34,28 @@ def check_model(model, *, analysis_ok: bool = True) -> nn.Module:
             "call se_surgery.strip(model) first to start from the original model"
         )
     return model
+
+
+def analyze(model: nn.Module, input_size=None, tracer_kwargs=None) -> Analysis:
+    """Look at ``model`` once: trace it, find its sites and count its MACs, without
+    changing or running it (see :func:`find_sites`).
+
+    The returned :class:`Analysis` is a frozen value that :func:`se_surgery.find_sites`,
+    :func:`se_surgery.plan` and :func:`se_surgery.report` take in place of the model, so
+    one analysis serves any number of rule sets; ``se_surgery.apply(model,
+    se_surgery.plan(analysis, rules))`` cuts what was planned (into a model with the
+    analysed structure only).
+
+    Example:
+        >>> import torchvision, se_surgery
+        >>> a = se_surgery.analyze(torchvision.models.resnet50())
+        >>> len(a.sites), a.model, a.stages
+        (16, 'ResNet', {1: 3, 2: 4, 3: 6, 4: 3})
+        >>> [se_surgery.report(a, r).added_params for r in ("all_stages", "late_stages")]
+        [2530992, 2372352]
+    """
+    check_model(model, analysis_ok=False)
+    return discover(model, input_size, tracer_kwargs=tracer_kwargs, count_macs=True)
 
 
 def check_plan(p: Plan, model: nn.Module | Analysis) -> None:

@@ -27,7 +27,7 @@ from .nodes import (
 )
 from .trace import ModelGraphs, ModuleGraph, trace_model
 
-__all__ = ["Site", "Analysis", "analyze", "find_sites", "discover", "fingerprint", "resolve_input_size", "KINDS"]
+__all__ = ["Site", "Analysis", "find_sites", "discover", "fingerprint", "resolve_input_size", "KINDS"]
 
 KINDS = ("residual", "branch_sum", "concat")
 
@@ -379,32 +379,16 @@ def discover(model: nn.Module, input_size=None, *, tracer_kwargs=None, count_mac
             rejected.append((f"{f['graph'].path or '<model>'}:{n.name}", "inner part of a sum of branches"))
             continue
         outer.append(f)
+    return _analysis(model, size, mg, _name_and_number(model, outer, mg.stride_size or size, views), blocked,
+                     rejected)
+
+
+def _analysis(model: nn.Module, size, mg: ModelGraphs, sites: list[Site], blocked: dict[str, str],
+              rejected: list[tuple[str, str]]) -> Analysis:
     untraced = mg.untraced() + list(blocked.items()) + (
         [("<model>", f"the forward stopped: {mg.stopped}")] if mg.stopped else [])
-    return Analysis(tuple(_name_and_number(model, outer, mg.stride_size or size, views)), size, tuple(untraced),
-                    tuple(rejected), mg, mg.stopped, type(model).__name__, fingerprint(model),
-                    sum(p.numel() for p in model.parameters()))
-
-
-def analyze(model: nn.Module, input_size=None, tracer_kwargs=None) -> Analysis:
-    """Look at ``model`` once: trace it, find its sites and count its MACs, without
-    changing or running it (see :func:`find_sites`).
-
-    The returned :class:`Analysis` is a frozen value that :func:`se_surgery.find_sites`,
-    :func:`se_surgery.plan` and :func:`se_surgery.report` take in place of the model, so
-    one analysis serves any number of rule sets; ``se_surgery.apply(model,
-    se_surgery.plan(analysis, rules))`` cuts what was planned (into a model with the
-    analysed structure only).
-
-    Example:
-        >>> import torchvision, se_surgery
-        >>> a = se_surgery.analyze(torchvision.models.resnet50())
-        >>> len(a.sites), a.model, a.stages
-        (16, 'ResNet', {1: 3, 2: 4, 3: 6, 4: 3})
-        >>> [se_surgery.report(a, r).added_params for r in ("all_stages", "late_stages")]
-        [2530992, 2364144]
-    """
-    return discover(model, input_size, tracer_kwargs=tracer_kwargs, count_macs=True)
+    return Analysis(tuple(sites), size, tuple(untraced), tuple(rejected), mg, mg.stopped, type(model).__name__,
+                    fingerprint(model), sum(p.numel() for p in model.parameters()))
 
 
 def _name_and_number(model: nn.Module, found: list[dict], canonical, views) -> list[Site]:

@@ -93,6 +93,8 @@ def test_one_record_per_module_and_the_plan_once_on_the_root(resnet18):
         assert plan_facts(other) == [facts]
     added = set(patched.state_dict()) - set(resnet18.state_dict())
     assert added == {f"{n}.{k}" for n, m, _ in found for k in m.state_dict()}
+    with pytest.raises(se_surgery.AlreadyPatchedError, match=r"already has 4 SE module\(s\) from se-surgery"):
+        se_surgery.analyze(patched)
     back = se_surgery.strip(patched)
     assert not se_surgery.is_patched(back) and plan_facts(back) == []
 
