@@ -201,9 +201,11 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
           tracer_kwargs=None) -> nn.Module:
     """Insert SE modules into ``model`` where ``rules`` say, keeping every weight.
 
-    ``rules`` may be a :class:`~se_surgery.Plan` from :func:`se_surgery.plan`: what
-    the user reviewed is then exactly what is cut (a plan made for a model of another
-    structure is refused). Otherwise the plan is made here, resolved and validated in
+    ``rules`` may be a :class:`~se_surgery.Plan` from :func:`se_surgery.plan` (of the
+    model, or of its :class:`~se_surgery.Analysis`): what the user reviewed is then
+    exactly what is cut, without tracing again (a plan made for a model of another
+    structure is refused, naming both). ``model`` itself is always needed: an Analysis
+    holds only a fake-tensor copy. Otherwise the plan is made here, resolved and validated in
     full first. The model is copied (unless ``inplace=True``); each module that owns a
     selected site stays the same object, with its class replaced by a generated
     subclass whose forward calls the SE modules, added as its children. ``isinstance``,

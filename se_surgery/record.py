@@ -32,7 +32,7 @@ class Inserted:
 
     site: Site
     options: SEOptions
-    rule: int | None  # index of the deciding rule; None where no rule set decided (a checkpoint's plan)
+    rule: int | None  # index of the deciding rule (None where a checkpoint recorded none)
 
 
 @dataclass(frozen=True)
