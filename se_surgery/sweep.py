@@ -309,13 +309,16 @@ def _run_trial(base: nn.Module, trial: Trial, resolved: dict | None, cost: dict,
 
 def _costs(base: nn.Module, settings: dict, input_size) -> dict:
     """Validate every setting's plan on the model and price it, before any training."""
-    import se_surgery
+    # From the modules: the package attribute se_surgery.plan is the submodule once
+    # something imports it by that name (pytest's --doctest-modules does).
+    from .plan import analyze, plan
+    from .report import report
 
     out = {}
-    analysis = se_surgery.analyze(base, input_size)  # traced once for every setting
+    analysis = analyze(base, input_size)  # traced once for every setting
     for setting, resolved in settings.items():
-        p = se_surgery.plan(analysis, resolved)
-        rep = se_surgery.report(analysis, p)
+        p = plan(analysis, resolved)
+        rep = report(analysis, p)
         opts = [e.options for e in p.selected]
         _, variant, ratio, module = setting
         out[setting] = {
