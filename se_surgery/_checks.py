@@ -26,7 +26,7 @@ def _sharded(model: nn.Module) -> str | None:
     return None
 
 
-def check_model(model, *, sharded_ok: bool = False) -> nn.Module:
+def check_model(model, *, sharded_ok: bool = False, what: str = "a torch.nn.Module") -> nn.Module:
     """Raise :class:`~se_surgery.ModelTypeError` unless ``model`` is a ``torch.nn.Module``
     se-surgery can work on; return it.
 
@@ -42,7 +42,7 @@ def check_model(model, *, sharded_ok: bool = False) -> nn.Module:
         se_surgery.errors.ModelTypeError: model must be a torch.nn.Module, got str
     """
     if not isinstance(model, nn.Module):
-        raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise ModelTypeError(f"model must be {what}, got {type(model).__name__}")
     kind = None if sharded_ok else _sharded(model)
     if kind is not None:
         raise ModelTypeError(f"{type(model).__name__} is sharded with {kind}; se-surgery works on the whole, "

@@ -68,6 +68,10 @@ def _linear(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
+def _zero(tensors: list) -> bool:
+    return not any(bool(t.any()) for t in tensors)
+
+
 class EffectiveSE(nn.Module):
     """Effective SE (Lee and Park, CVPR 2020, CenterMask): one FC ``C -> C``, no bottleneck.
 
@@ -95,9 +99,19 @@ class EffectiveSE(nn.Module):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, gate={self.gate_fn!r}, init={self.init!r}, channel_dim={self.channel_dim}"
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate, broadcastable against ``x``: exactly 1 at identity."""
         z = _linear(_pool(x, self.channel_dim, self.add_maxpool), self.fc)
-        return _scale(x, _per_channel(_gate(z, self.gate_fn, self.gate_scale), self.channel_dim), skip)
+        return _per_channel(_gate(z, self.gate_fn, self.gate_scale), self.channel_dim)
+
+    def identity_tensors(self) -> list[torch.Tensor]:
+        return [self.fc.weight, cast(torch.Tensor, self.fc.bias)]
+
+    def is_identity(self) -> bool:
+        return self.gate_scale == 2.0 and _zero(self.identity_tensors())
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        return _scale(x, self.excitation(x), skip)
 
 
 class ECA(nn.Module):
@@ -131,10 +145,20 @@ class ECA(nn.Module):
         return (f"channels={self.channels}, kernel_size={self.kernel_size}, gate={self.gate_fn!r}, "
                 f"init={self.init!r}, channel_dim={self.channel_dim}")
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate, broadcastable against ``x``: exactly 1 at identity."""
         s = _pool(x, self.channel_dim)
         z = self.conv(s[:, None, :])[:, 0, :]
-        return _scale(x, _per_channel(_gate(z, self.gate_fn, self.gate_scale), self.channel_dim), skip)
+        return _per_channel(_gate(z, self.gate_fn, self.gate_scale), self.channel_dim)
+
+    def identity_tensors(self) -> list[torch.Tensor]:
+        return [self.conv.weight]
+
+    def is_identity(self) -> bool:
+        return self.gate_scale == 2.0 and _zero(self.identity_tensors())
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        return _scale(x, self.excitation(x), skip)
 
 
 class _ConvMlp(nn.Module):
@@ -208,6 +232,21 @@ class GlobalContext(nn.Module):
         w = logits.softmax(-1)
         return (w @ x.reshape(n, -1, self.channels))[:, 0, :]
 
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate (``fuse: scale``), or 1 + the added context (``fuse: add``), broadcastable
+        against ``x``: exactly 1 at identity either way."""
+        ctx = self._context(x)
+        if self.fuse == "add":
+            return 1 + _per_channel(self.mlp_add(ctx), self.channel_dim)
+        return _per_channel(_gate(self.mlp_scale(ctx), self.gate_fn, self.gate_scale), self.channel_dim)
+
+    def identity_tensors(self) -> list[torch.Tensor]:
+        mlp = self.mlp_add if self.fuse == "add" else self.mlp_scale
+        return [mlp.fc2.weight, cast(torch.Tensor, mlp.fc2.bias)]
+
+    def is_identity(self) -> bool:
+        return (self.fuse == "add" or self.gate_scale == 2.0) and _zero(self.identity_tensors())
+
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         ctx = self._context(x)
         if self.fuse == "add":
@@ -263,12 +302,30 @@ class CBAM(nn.Module):
         return (f"channels={self.channels}, hidden={self.hidden}, spatial_kernel_size={self.spatial_kernel_size}, "
                 f"init={self.init!r}, channel_dim={self.channel_dim}")
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The channel gate, the channel-gated map and its spatial gate."""
         cd = self.channel_dim
         dims = (2, 3) if cd == 1 else (1, 2)
         pooled = torch.stack([x.mean(dims), x.amax(dims)])  # (2, N, C): both through one MLP call
         z = _linear(self.act(_linear(pooled, self.fc1)), self.fc2).sum(0)
-        x = x * _per_channel(_gate(z, self.gate_fn, self.gate_scale), cd)
+        channel = _per_channel(_gate(z, self.gate_fn, self.gate_scale), cd)
+        x = x * channel
         maps = torch.stack([x.mean(cd), x.amax(cd)], 1)  # (N, 2, H, W)
         s = _gate(self.spatial_bn(self.spatial_conv(maps)), self.gate_fn, self.gate_scale)
-        return _scale(x, s if cd == 1 else s.permute(0, 2, 3, 1), skip)
+        return channel, x, s if cd == 1 else s.permute(0, 2, 3, 1)
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """Both gates' product, the factor ``x`` is multiplied by: exactly 1 at identity."""
+        channel, _, spatial = self._gates(x)
+        return channel * spatial
+
+    def identity_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.fc2.weight, self.fc2.bias, self.spatial_bn.weight, self.spatial_bn.bias)
+                if t is not None]
+
+    def is_identity(self) -> bool:
+        return self.gate_scale == 2.0 and _zero(self.identity_tensors())
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        _, gated, spatial = self._gates(x)
+        return _scale(gated, spatial, skip)

@@ -24,11 +24,13 @@ from torch import nn
 from ._checks import check_model
 from ._compat import orig_mod
 from .errors import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError, RuleError, SESurgeryWarning
-from .insert import build_patches
-from .patch import base_class, copy_model, swap
-from .plan import PlannedSite, is_patched, plan_from, se_modules
+from .insert import build_patches, plan_facts
+from .patch import OwnerPatch, base_class, copy_model, swap
+from .plan import Plan, PlannedSite, plan_from
+from .record import PlanFacts, inserted_modules, is_patched, set_facts
+from .record import plan_facts as plan_facts_of
 from .rules import Rules, SEOptions, load_rules
-from .sites import KINDS, Site, discover
+from .sites import KINDS, Analysis, Site, discover
 
 __all__ = ["save_se", "load_se", "FORMAT"]
 
@@ -98,6 +100,38 @@ def _check_target(path) -> Path:
     return p
 
 
+def _one_plan(model: nn.Module) -> PlanFacts:
+    """The one plan the inserted modules of ``model`` came from."""
+    found = plan_facts_of(model)
+    if len(found) != 1:
+        sizes = sorted({"x".join(map(str, f.input_size)) for f in found})
+        raise CheckpointError(f"the SE modules of this {type(model).__name__} come from {len(found)} apply() calls "
+                              f"(input sizes {', '.join(sizes) or 'unknown'}); one apply() call makes one plan, "
+                              "and a checkpoint holds one")
+    return found[0]
+
+
+def _metadata(inner: nn.Module, prefix: str, mods: list, facts: PlanFacts, include_base: bool) -> dict[str, str]:
+    """The checkpoint's metadata: the model's class and sites, the plan, and each module's record."""
+
+    def site_dict(site: Site) -> dict:
+        d = site.to_dict()
+        d["name"], d["owner"] = _strip_prefix(site.name, prefix), _strip_prefix(site.owner, prefix)
+        return d
+
+    rules = facts.rules
+    return {
+        "format": FORMAT,
+        "model_class": _class_path(inner),
+        "input_size": json.dumps(list(facts.input_size)),
+        "rules": json.dumps(dict(rules.to_dict(), source=rules.source)),
+        "sites": json.dumps([[_strip_prefix(n, prefix), k, c] for n, k, c in facts.sites]),
+        "plan": json.dumps([{"module": name, "site": site_dict(rec.site),
+                             "options": rec.options.rule_options(), "rule": rec.rule} for name, _, rec in mods]),
+        "include_base": json.dumps(include_base),
+    }
+
+
 def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = False) -> None:
     """Write the SE weights to a safetensors file, with the plan that made them.
 
@@ -123,39 +157,19 @@ def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = F
 
     target = _check_target(path)
     inner, prefix = unwrap(check_model(model))
-    mods = se_modules(inner)
+    mods = inserted_modules(inner)
     if not mods:
         raise _no_se(inner, "there are no SE weights to save")
-    se_ids = {id(p) for _, m in mods for p in m.parameters()}
+    se_ids = {id(p) for _, m, _ in mods for p in m.parameters()}
     trainable = [n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in se_ids]
     if trainable and not include_base:
         warnings.warn(f"{len(trainable)} base parameter(s) of {type(inner).__name__} are trainable (e.g. "
                       f"{trainable[0]}): if they were trained, save_se(..., include_base=True) keeps them; this "
                       "checkpoint holds only the SE weights", SESurgeryWarning, stacklevel=2)
-    first = mods[0][1]
-    sizes = {tuple(cast(tuple, m.se_input_size)) for _, m in mods}
-    if len(sizes) != 1:
-        raise CheckpointError(f"the SE modules of this {type(inner).__name__} were planned at different input "
-                              f"sizes {sorted(map(str, sizes))}; one apply() call makes one plan")
-
-    def site_dict(site: Site) -> dict:
-        d = site.to_dict()
-        d["name"], d["owner"] = _strip_prefix(site.name, prefix), _strip_prefix(site.owner, prefix)
-        return d
-
-    rules = first.se_rules
-    meta = {
-        "format": FORMAT,
-        "model_class": _class_path(inner),
-        "input_size": json.dumps(list(sizes.pop())),
-        "rules": json.dumps(dict(rules.to_dict(), source=rules.source)),
-        "sites": json.dumps([[_strip_prefix(n, prefix), k, c] for n, k, c in first.se_model_sites]),
-        "plan": json.dumps([{"module": name, "site": site_dict(cast(Site, m.se_site)),
-                             "options": m.se_options.rule_options(), "rule": m.se_rule} for name, m in mods]),
-        "include_base": json.dumps(include_base),
-    }
+    # The facts are on the model apply() returned: a wrapper's when the wrapper was applied to.
+    meta = _metadata(inner, prefix, mods, _one_plan(model), include_base)
     state = inner.state_dict()
-    names = {f"{name}.{k}" for name, m in mods for k in m.state_dict()}
+    names = {f"{name}.{k}" for name, m, _ in mods for k in m.state_dict()}
     keep = state if include_base else {k: v for k, v in state.items() if k in names}
     # Copies: safetensors refuses tensors that share storage, as state_dict views may.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in keep.items()}
@@ -237,21 +251,8 @@ def _options(path: Path, i: int, raw) -> SEOptions:
     return rules.defaults.merged(rules.rules[0].options).resolved()
 
 
-def _parse(path: Path, meta: dict):
-    size = _field(path, meta, "input_size", list)
-    if len(size) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 65536 for s in size):
-        raise CheckpointError(f"{path}: metadata field 'input_size' must be 3 positive ints (C, H, W), got {size!r}")
-    raw_rules = _field(path, meta, "rules", dict)
-    try:
-        source = str(raw_rules.pop("source", "<dict>"))
-        rules = load_rules(raw_rules)
-        rules = Rules(rules.defaults, rules.rules, source)
-    except RuleError as e:
-        raise CheckpointError(f"{path}: metadata field 'rules' is not valid rules: {e}") from None
-    sites = _field(path, meta, "sites", list)
-    if not all(isinstance(s, list) and len(s) == 3 for s in sites):
-        raise CheckpointError(f"{path}: metadata field 'sites' must list [name, kind, channels] triples")
-    raw_plan = _field(path, meta, "plan", list)
+def _entries(path: Path, raw_plan: list) -> list[tuple[str, PlannedSite]]:
+    """(module name, planned site) of every entry of the checkpoint's plan, each field checked."""
     if not raw_plan:
         raise CheckpointError(f"{path}: the checkpoint's plan has no SE site")
     entries, seen = [], set()
@@ -267,6 +268,24 @@ def _parse(path: Path, meta: dict):
                 raise CheckpointError(f"{path}: plan entry {i}: {key!r} appears twice in the plan")
             seen.add(key)
         entries.append((raw["module"], PlannedSite(site, True, options, rule, () if rule is None else (rule,))))
+    return entries
+
+
+def _parse(path: Path, meta: dict):
+    size = _field(path, meta, "input_size", list)
+    if len(size) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 65536 for s in size):
+        raise CheckpointError(f"{path}: metadata field 'input_size' must be 3 positive ints (C, H, W), got {size!r}")
+    raw_rules = _field(path, meta, "rules", dict)
+    try:
+        source = str(raw_rules.pop("source", "<dict>"))
+        rules = load_rules(raw_rules)
+        rules = Rules(rules.defaults, rules.rules, source)
+    except RuleError as e:
+        raise CheckpointError(f"{path}: metadata field 'rules' is not valid rules: {e}") from None
+    sites = _field(path, meta, "sites", list)
+    if not all(isinstance(s, list) and len(s) == 3 for s in sites):
+        raise CheckpointError(f"{path}: metadata field 'sites' must list [name, kind, channels] triples")
+    entries = _entries(path, _field(path, meta, "plan", list))
     include_base = _field(path, meta, "include_base", bool)
     return tuple(size), rules, [tuple(s) for s in sites], entries, include_base
 
@@ -314,7 +333,6 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
         >>> torch.equal(again(x), tuned(x))
         True
     """
-
     check_model(model)
     path = Path(path)
     meta, tensors = _read(path)
@@ -326,36 +344,61 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
     cls = _class_path(inner)
     if cls != meta.get("model_class"):
         raise CheckpointError(f"{path}: made for a {meta.get('model_class')}, not a {cls}")
-    d = discover(inner, size)
-    _check_sites(path, type(inner).__name__, [(s.name, s.kind, s.channels) for s in d.sites], recorded)
-    have = {s.name: s for s in d.sites}
-    planned = []
-    for module, e in entries:
-        mine = have.get(e.site.name)
-        if mine is None or (mine.kind, mine.channels, mine.channel_dim, mine.node) != (
-                e.site.kind, e.site.channels, e.site.channel_dim, e.site.node):
-            raise CheckpointError(
-                f"{path}: site {e.site.name!r} of the plan does not match this {type(inner).__name__}")
-        planned.append((module, PlannedSite(mine, True, e.options, e.rule, e.matched)))
-    by_name = {e.site.name: e for _, e in planned}
-    all_entries = [by_name.get(s.name) or PlannedSite(s, False, None, None) for s in d.sites]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SESurgeryWarning)  # said when the checkpoint was made
-        p = plan_from(inner, rules, d, entries=all_entries)
+    p = _replan(path, inner, discover(inner, size), rules, recorded, entries)
     target = model if inplace else copy_model(model)
     target_inner, _ = unwrap(target)
     patches = build_patches(target_inner, p)
-    made = {(f"{pt.path}.{n}" if pt.path else n): m for pt in patches for n, m in pt.modules.items()}
-    if sorted(made) != sorted(m for m, _ in planned):
-        raise CheckpointError(f"{path}: the plan's modules are {sorted(m for m, _ in planned)[:3]}..., this model "
-                              f"would get {sorted(made)[:3]}...")
-    # Every tensor is checked against what it will be loaded into before anything changes.
-    expected = {f"{name}.{k}": v for name, m in made.items() for k, v in m.state_dict().items()}
+    made = _made(path, patches, [m for m, _ in entries])
     base_state = target_inner.state_dict() if include_base else {}
+    _check_tensors(path, type(inner).__name__, tensors, made, base_state)
+    for name, m in made.items():  # every tensor was checked: nothing below can fail half-way
+        prefix = name + "."
+        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    swap(target_inner, patches)
+    set_facts(target_inner, plan_facts(p))
+    if include_base:
+        with torch.no_grad():
+            for k, v in target_inner.state_dict().items():
+                if k in base_state:
+                    v.copy_(tensors[k])
+    return target
+
+
+def _replan(path: Path, inner: nn.Module, d: Analysis, rules: Rules, recorded: list[tuple],
+            entries: list[tuple[str, PlannedSite]]) -> Plan:
+    """The checkpoint's plan on this model's analysis: the same sites, the recorded options."""
+    _check_sites(path, d.model, [(s.name, s.kind, s.channels) for s in d.sites], recorded)
+    have = {s.name: s for s in d.sites}
+    by_name = {}
+    for _, e in entries:
+        mine = have.get(e.site.name)
+        if mine is None or (mine.kind, mine.channels, mine.channel_dim, mine.node) != (
+                e.site.kind, e.site.channels, e.site.channel_dim, e.site.node):
+            raise CheckpointError(f"{path}: site {e.site.name!r} of the plan does not match this {d.model}")
+        by_name[mine.name] = PlannedSite(mine, True, e.options, e.rule, e.matched)
+    all_entries = [by_name.get(s.name) or PlannedSite(s, False, None, None) for s in d.sites]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SESurgeryWarning)  # said when the checkpoint was made
+        return plan_from(rules, d, entries=all_entries)
+
+
+def _made(path: Path, patches: list[OwnerPatch], planned: list[str]) -> dict[str, nn.Module]:
+    """The modules the patches add, by dotted name: exactly the checkpoint's."""
+    made = {(f"{pt.path}.{n}" if pt.path else n): m for pt in patches for n, m in pt.modules.items()}
+    if sorted(made) != sorted(planned):
+        raise CheckpointError(f"{path}: the plan's modules are {sorted(planned)[:3]}..., this model "
+                              f"would get {sorted(made)[:3]}...")
+    return made
+
+
+def _check_tensors(path: Path, name: str, tensors: dict[str, torch.Tensor], made: dict[str, nn.Module],
+                   base_state: dict) -> None:
+    """Every tensor against what it will be loaded into, before anything changes."""
+    expected = {f"{n}.{k}": v for n, m in made.items() for k, v in m.state_dict().items()}
     for key, t in tensors.items():
         want = expected.get(key, base_state.get(key))
         if want is None:
-            raise CheckpointError(f"{path}: tensor {key!r} belongs to nothing in this {type(inner).__name__}")
+            raise CheckpointError(f"{path}: tensor {key!r} belongs to nothing in this {name}")
         if t.is_floating_point() != want.is_floating_point() or (t.dtype == torch.bool) != (want.dtype == torch.bool):
             raise CheckpointError(f"{path}: tensor {key!r} has dtype {t.dtype}, this model's is {want.dtype}; "
                                   "tensors of another kind are refused, not cast")
@@ -365,14 +408,3 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
     for key in list(expected) + list(base_state):
         if key not in tensors:
             raise CheckpointError(f"{path}: tensor {key!r} is missing from the file")
-    for name, m in made.items():
-        prefix = name + "."
-        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        m.se_rule = dict(planned)[name].rule
-    swap(target_inner, patches)
-    if include_base:
-        with torch.no_grad():
-            for k, v in target_inner.state_dict().items():
-                if k in base_state:
-                    v.copy_(tensors[k])
-    return target

@@ -211,6 +211,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from .plan import analyze
     from .report import report
     from .rules import load_rules
 
@@ -220,11 +221,12 @@ def _cmd_report(args) -> int:
         _check_plot_path(args.plot)
     rules_list = [load_rules(r) for r in args.rules or ["all_stages"]]
     model = _model(args)
+    analysis = analyze(model, args.input_size)  # one look at the model serves every rule set
     reports, said = [], []
     for r in rules_list:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            reports.append(report(model, r, input_size=args.input_size))
+            reports.append(report(analysis, r))
         said += [str(w.message) for w in caught if str(w.message) not in said]
     for msg in said:  # on stderr, so that --format json|csv output stays parseable
         print(f"se-surgery: warning: {msg}", file=sys.stderr)

@@ -17,7 +17,7 @@ from torch import nn
 from ._checks import check_model
 from .errors import NotPatchedError
 from .patch import copy_model, is_patched_module, original_class, unpatch
-from .plan import is_patched, se_modules
+from .record import clear, inserted_modules, is_patched
 
 __all__ = ["se_parameters", "mark_only_se_trainable", "param_groups", "strip"]
 
@@ -40,7 +40,7 @@ def se_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """
     check_model(model, sharded_ok=True)
     out = {}
-    for name, mod in se_modules(model):
+    for name, mod, _ in inserted_modules(model):
         for pname, p in mod.named_parameters():
             out[f"{name}.{pname}"] = p
     return out
@@ -132,4 +132,5 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     classes = {id(m): (m, original_class(m)) for m in target.modules() if is_patched_module(m)}
     for m, cls in classes.values():
         unpatch(m, cls)
+    clear(target)  # the plan's facts on the root (the records went with their modules)
     return target

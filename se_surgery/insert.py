@@ -11,15 +11,17 @@ import torch.fx as fx
 from torch import nn
 
 from . import modules
-from ._checks import check_model
-from .errors import PlanError
+from .errors import ModelTypeError, PlanError
 from .fake import model_device_dtype
 from .inner import inline_path
 from .nodes import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, add_operands, ancestors, is_activation_module
 from .patch import OwnerPatch, copy_model, patched_class, source_of, swap
-from .plan import Plan, PlannedSite, fingerprint
+from .plan import Plan, PlannedSite, check_plan, check_unpatched
 from .plan import plan as make_plan
+from .record import Inserted, PlanFacts, mark, set_facts
+from .rules import SEOptions
 from .se import SqueezeExcite
+from .sites import Analysis
 from .trace import ModuleGraph
 
 __all__ = ["apply", "build_patches"]
@@ -147,7 +149,7 @@ def _inner_node(graph: fx.Graph, owner: nn.Module, mg: ModuleGraph, site, p: Pla
     for name in chain:
         target = cast(str, current.node(name).target)
         path = f"{path}.{target}" if path else target
-        current = p.discovery.graph_of(path)
+        current = cast(Analysis, p.analysis).graph_of(path)
         module = owner.get_submodule(path[len(mg.path) + 1:] if mg.path else path)
         if module._forward_hooks or module._forward_pre_hooks:
             raise PlanError(f"site {site.name}: variant 'inner' would inline {path} ({type(module).__name__}), "
@@ -163,14 +165,12 @@ def rewrite(mg: ModuleGraph, owner: nn.Module, entries: list[PlannedSite], p: Pl
     device, dtype = model_device_dtype(owner, fallback)
     taken: set[str] = set()
     added: dict[str, nn.Module] = {}
-    model_sites = tuple((e.site.name, e.site.kind, e.site.channels) for e in p.entries)  # the checkpoint fingerprint
     for k, entry in enumerate(entries, 1):
         name = _se_name(owner, k, taken)
-        se: Any = _make_module(entry, device, dtype)  # nn.Module's __setattr__ stub refuses the plain attributes below
+        se = _make_module(entry, device, dtype)
         se.train(owner.training)
         # What save_se records, and report reads: the site, the options, the rule that decided.
-        se.se_site, se.se_options, se.se_rule = entry.site, entry.options, entry.rule
-        se.se_input_size, se.se_rules, se.se_model_sites = p.input_size, p.rules, model_sites
+        mark(se, Inserted(entry.site, cast(SEOptions, entry.options), entry.rule))
         added[name] = se
         if entry.options.variant == "inner":
             node = _inner_node(graph, owner, mg, entry.site, p)
@@ -193,7 +193,7 @@ def build_patches(model: nn.Module, p: Plan) -> list[OwnerPatch]:
     fallback = model_device_dtype(model)
     patches = []
     for owner, entries in by_owner.items():
-        mg = p.discovery.graph_of(owner)
+        mg = cast(Analysis, p.analysis).graph_of(owner)
         module = model.get_submodule(owner) if owner else model
         patches.append(rewrite(mg, module, entries, p, fallback))
     return patches
@@ -203,9 +203,11 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
           tracer_kwargs=None) -> nn.Module:
     """Insert SE modules into ``model`` where ``rules`` say, keeping every weight.
 
-    ``rules`` may be a :class:`~se_surgery.Plan` from :func:`se_surgery.plan`: what
-    the user reviewed is then exactly what is cut (a plan made for a model of another
-    structure is refused). Otherwise the plan is made here, resolved and validated in
+    ``rules`` may be a :class:`~se_surgery.Plan` from :func:`se_surgery.plan` (of the
+    model, or of its :class:`~se_surgery.Analysis`): what the user reviewed is then
+    exactly what is cut, without tracing again (a plan made for a model of another
+    structure is refused, naming both). ``model`` itself is always needed: an Analysis
+    holds only a fake-tensor copy. Otherwise the plan is made here, resolved and validated in
     full first. The model is copied (unless ``inplace=True``); each module that owns a
     selected site stays the same object, with its class replaced by a generated
     subclass whose forward calls the SE modules, added as its children. ``isinstance``,
@@ -235,20 +237,31 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
         >>> torch.equal(model(x), base(x))
         True
     """
-    check_model(model)
-    if isinstance(rules, Plan):
-        p = rules
-        if p.discovery is None or p.fingerprint != fingerprint(model):
-            raise PlanError(f"this plan was made for another model ({p.model}); make one for this "
-                            f"{type(model).__name__} with se_surgery.plan(model, rules)")
-        if input_size is not None or tracer_kwargs is not None:
-            raise PlanError("input_size and tracer_kwargs belong to plan(); a Plan passed to apply() already has them")
-    else:
-        p = make_plan(model, rules, input_size=input_size, strict=strict, tracer_kwargs=tracer_kwargs)
+    p = _plan_for(model, rules, input_size, strict, tracer_kwargs)
     if not p.entries:
         raise PlanError(f"nothing to add SE to in {type(model).__name__}: it has no residual, branch-sum or concat "
                         "join (se-surgery sites MODEL -v shows every join and why it is no site)")
     target = model if inplace else copy_model(model)
     patches = build_patches(target, p)
     swap(target, patches)
+    set_facts(target, plan_facts(p))
     return target
+
+
+def plan_facts(p: Plan) -> PlanFacts:
+    """The facts one apply of ``p`` records on the root model."""
+    return PlanFacts(p.rules, p.input_size, p.fingerprint,
+                     tuple((e.site.name, e.site.kind, e.site.channels) for e in p.entries))
+
+
+def _plan_for(model, rules, input_size, strict: bool, tracer_kwargs) -> Plan:
+    if isinstance(model, Analysis):
+        raise ModelTypeError("apply needs the model itself, not its Analysis: se_surgery.apply(model, "
+                             "se_surgery.plan(analysis, rules)) cuts what the analysis planned")
+    check_unpatched(model, analysis_ok=False)
+    if not isinstance(rules, Plan):
+        return make_plan(model, rules, input_size=input_size, strict=strict, tracer_kwargs=tracer_kwargs)
+    check_plan(rules, model)
+    if input_size is not None or tracer_kwargs is not None:
+        raise PlanError("input_size and tracer_kwargs belong to plan(); a Plan passed to apply() already has them")
+    return rules

@@ -18,6 +18,17 @@ Every built-in also takes ``init`` (``identity``: exactly its input at insertion
 ``paper``) and ``gate``, accepts ``channel_dim=-1`` for channels-last maps, and its
 ``forward(x, skip=None)`` returns ``skip + module(x)`` when given ``skip``.
 
+Every inserted module answers one protocol, :class:`ChannelAttention`: ``channels`` (the
+channels it scales), ``excitation(x)`` (the factor it multiplies ``x`` by, broadcastable
+against ``x``, exactly 1 at identity; ``gc`` with ``fuse: add`` gives 1 + the added
+context) and ``is_identity()`` (whether it computes exactly its input). The built-ins
+implement it. A registered module need not: :func:`excitation` and :func:`is_identity`
+then fall back to measuring it (``module.forward(x) / x``, 1 where ``x`` is 0; and an
+exact comparison of ``forward`` on a fixed random map with the map itself), and its
+``channels`` are the site's. Drift (:func:`se_surgery.train.se_drift`), reports and
+checkpoints read every inserted module through this protocol and
+:mod:`se_surgery.record`, the same for every module.
+
 Users add their own with :func:`register_module`, or from an installed package through
 the entry-point group ``se_surgery.modules`` (the entry point's name is the module name,
 its object the factory), loaded on the first lookup of a module name.
@@ -43,6 +54,7 @@ for each global pool and one for each scale or add:
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import math
@@ -50,15 +62,17 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 from .errors import ModuleError, SESurgeryWarning
 from .se import GATES, INITS, SQUEEZES, SqueezeExcite, hidden_channels
 
-__all__ = ["ENTRY_POINT_GROUP", "count_macs", "count_params", "create", "module_names", "option_defaults",
-           "option_names", "register_module", "supports_skip", "validate_options"]
+__all__ = ["ENTRY_POINT_GROUP", "ChannelAttention", "count_macs", "count_params", "create", "excitation",
+           "is_identity", "module_names", "option_defaults", "option_names", "register_module", "supports_skip",
+           "validate_options"]
 
 ENTRY_POINT_GROUP = "se_surgery.modules"
 BUILTIN_NAMES = ("se", "ese", "eca", "gc", "cbam")
@@ -522,3 +536,65 @@ def _macs(module_name: str, channels: int, spatial, options: dict) -> tuple[int,
     with flop_counter() as counter, torch.no_grad():
         module(torch.empty(1, channels, h, w, device="meta"))
     return int(counter.get_total_flops()) // 2, channels * h * w
+
+
+# ---------------------------------------------------------------- the inserted-module protocol
+
+
+@runtime_checkable
+class ChannelAttention(Protocol):
+    """What every inserted module answers (the built-ins implement it; see the module docstring)."""
+
+    channels: int
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """The factor the module multiplies ``x`` by, broadcastable against ``x``: 1 at identity."""
+        ...
+
+    def is_identity(self) -> bool:
+        """Whether the module computes exactly its input, for every input."""
+        ...
+
+
+def excitation(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module.excitation(x)``; for a module without it, ``module.forward(x) / x`` (1 where ``x`` is 0).
+
+    Example:
+        >>> m = create("eca", 8, {})
+        >>> bool((excitation(m, torch.randn(2, 8, 4, 4)) == 1).all()), bool((excitation(nn.Identity(), torch.randn(2, 8, 4, 4)) == 1).all())
+        (True, True)
+    """  # noqa: E501 - doctest lines
+    if isinstance(module, ChannelAttention):
+        return module.excitation(x)
+    # forward, not __call__: drift reads this from inside the module's own forward pre-hook.
+    y = module.forward(x)
+    nonzero = x != 0
+    return torch.where(nonzero, y / torch.where(nonzero, x, torch.ones_like(x)), torch.ones_like(x))
+
+
+def is_identity(module: nn.Module, channels: int | None = None, channel_dim: int = 1) -> bool:
+    """Whether ``module`` computes exactly its input: ``module.is_identity()``; for a module
+    without it, ``forward`` on a fixed random (2, C, 5, 5) map (channels-last for
+    ``channel_dim=-1``) compared exactly with the map.
+
+    Example:
+        >>> is_identity(create("cbam", 16, {})), is_identity(create("cbam", 16, {"init": "paper"}))
+        (True, False)
+        >>> is_identity(nn.Identity(), 16), is_identity(nn.ReLU(), 16)
+        (True, False)
+    """
+    if isinstance(module, ChannelAttention):
+        return module.is_identity()
+    c = int(channels if channels is not None else getattr(module, "channels", 0))
+    if c < 1:
+        raise ModuleError(f"{type(module).__name__} does not say how many channels it scales; pass channels")
+    try:
+        p = next(module.parameters())
+        device, dtype = p.device, (p.dtype if p.is_floating_point() else torch.float32)
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.float32
+    shape = (2, c, 5, 5) if channel_dim == 1 else (2, 5, 5, c)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    probe = copy.deepcopy(module).eval()  # a train-mode norm layer inside would update the module's statistics
+    with torch.no_grad():
+        return torch.equal(probe.forward(x), x)

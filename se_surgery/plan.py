@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass, field
 from typing import cast
@@ -12,35 +11,61 @@ from torch import nn
 from . import modules
 from ._checks import check_model
 from .errors import AlreadyPatchedError, PlanError, SESurgeryWarning, TraceError
+from .record import inserted_modules, is_patched
 from .rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
-from .sites import Discovery, Site, discover
+from .sites import Analysis, Site, analysis_of, discover, fingerprint
 
-__all__ = ["Plan", "PlannedSite", "plan", "match", "is_patched", "se_modules", "fingerprint"]
+__all__ = ["Plan", "PlannedSite", "analyze", "plan", "match", "check_unpatched", "check_plan", "se_modules"]
 
 
 def se_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(dotted name, module) of every module se-surgery inserted into ``model``."""
-    return [(n, m) for n, m in model.named_modules() if "se_site" in m.__dict__]
+    """(dotted name, module) of every module se-surgery inserted into ``model`` (see
+    :func:`se_surgery.record.inserted_modules`, which also gives each one's record)."""
+    return [(n, m) for n, m, _ in inserted_modules(model)]
 
 
-def is_patched(model: nn.Module) -> bool:
-    """Whether ``model`` carries modules inserted by se-surgery."""
-    check_model(model, sharded_ok=True)
-    return any("se_site" in m.__dict__ or hasattr(type(m), "_se_surgery_base") for m in model.modules())
+def check_unpatched(model, *, analysis_ok: bool = True) -> nn.Module:
+    """``model`` if it is an ``nn.Module`` se-surgery can work on and has not patched; else the error that says so."""
+    if not isinstance(model, nn.Module) and analysis_ok:
+        check_model(model, what="a torch.nn.Module or an se_surgery.Analysis")
+    check_model(model)
+    if is_patched(model):
+        raise AlreadyPatchedError(
+            f"{type(model).__name__} already has {len(se_modules(model))} SE module(s) from se-surgery; "
+            "call se_surgery.strip(model) first to start from the original model"
+        )
+    return model
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A digest of the model's structure: its class, every module's path and class, and
-    every parameter and buffer's name and shape. Two models with the same fingerprint
-    accept the same plan (weights and dtype may differ)."""
-    h = hashlib.sha256()
-    h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    for name, m in model.named_modules(remove_duplicate=False):
-        h.update(f"|{name}:{type(m).__module__}.{type(m).__qualname__}".encode())
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
-            model.named_buffers(remove_duplicate=False)):
-        h.update(f"|{name}{tuple(t.shape)}".encode())
-    return h.hexdigest()[:16]
+def analyze(model: nn.Module, input_size=None, tracer_kwargs=None) -> Analysis:
+    """Look at ``model`` once: trace it, find its sites and count its MACs, without
+    changing or running it (see :func:`find_sites`).
+
+    The returned :class:`Analysis` is a frozen value that :func:`se_surgery.find_sites`,
+    :func:`se_surgery.plan` and :func:`se_surgery.report` take in place of the model, so
+    one analysis serves any number of rule sets; ``se_surgery.apply(model,
+    se_surgery.plan(analysis, rules))`` cuts what was planned (into a model with the
+    analysed structure only).
+
+    Example:
+        >>> import torchvision, se_surgery
+        >>> a = se_surgery.analyze(torchvision.models.resnet50())
+        >>> len(a.sites), a.model, a.stages
+        (16, 'ResNet', {1: 3, 2: 4, 3: 6, 4: 3})
+        >>> [se_surgery.report(a, r).added_params for r in ("all_stages", "late_stages")]
+        [2530992, 2372352]
+    """
+    check_unpatched(model, analysis_ok=False)
+    return discover(model, input_size, tracer_kwargs=tracer_kwargs, count_macs=True)
+
+
+def check_plan(p: Plan, model: nn.Module | Analysis) -> None:
+    """Refuse a plan (or analysis) made for a model of another structure than ``model``."""
+    name, mine = (model.model, model.fingerprint) if isinstance(model, Analysis) else (
+        type(model).__name__, fingerprint(model))
+    if p.analysis is None or p.fingerprint != mine:
+        raise PlanError(f"this plan was made for another model (a {p.model}, structure {p.fingerprint}), not this "
+                        f"{name} (structure {mine}); make one for it with se_surgery.plan(model, rules)")
 
 
 @dataclass(frozen=True)
@@ -90,8 +115,8 @@ class Plan:
     entries: list[PlannedSite]
     untraced: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    fingerprint: str = ""  # of the model planned for (see fingerprint()); apply refuses others
-    discovery: Discovery | None = field(default=None, repr=False, compare=False)  # the graphs apply rewrites
+    fingerprint: str = ""  # of the model planned for (see sites.fingerprint); apply refuses others
+    analysis: Analysis | None = field(default=None, repr=False, compare=False)  # the graphs apply rewrites
 
     @property
     def selected(self) -> list[PlannedSite]:
@@ -189,14 +214,16 @@ def _check_ranges(rules: Rules, sites: list[Site], model_name: str) -> None:
                     )
 
 
-def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False, tracer_kwargs=None) -> Plan:
+def plan(model: nn.Module | Analysis, rules=None, *, input_size=None, strict: bool = False,
+         tracer_kwargs=None) -> Plan:
     """Match ``rules`` against the sites of ``model`` without changing anything.
 
     The returned :class:`Plan` is exactly what :func:`se_surgery.apply` cuts when it is
     passed as ``rules``: it holds the graphs the sites were found in.
 
     Args:
-        model: the model to plan for (not modified, not run).
+        model: the model to plan for (not modified, not run), or its
+            :class:`~se_surgery.Analysis` (one analysis serves any number of plans).
         rules: path, preset name, dict, :class:`~se_surgery.rules.Rules` or rule list;
             ``None`` is the ``all_stages`` preset.
         input_size: example input size for shapes (see :func:`find_sites`).
@@ -211,76 +238,90 @@ def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False,
         >>> [e.site.name for e in p.selected][:2], len(p.selected)
         (['layer3.0', 'layer3.1'], 9)
     """
-    check_model(model)
-    if is_patched(model):
-        raise AlreadyPatchedError(
-            f"{type(model).__name__} already has {len(se_modules(model))} SE module(s) from se-surgery; "
-            "call se_surgery.strip(model) first to start from the original model"
-        )
+    if not isinstance(model, Analysis):
+        check_unpatched(model)
     rules = load_rules(rules)
-    d = discover(model, input_size, tracer_kwargs=tracer_kwargs)
-    return plan_from(model, rules, d, strict=strict)
+    return plan_from(rules, analysis_of(model, input_size, tracer_kwargs), strict=strict)
 
 
-def plan_from(model: nn.Module, rules: Rules, d: Discovery, *, strict: bool = False,
-              entries: list[PlannedSite] | None = None) -> Plan:
-    """Validate ``rules`` (or given ``entries``) against a discovery; warn and build the Plan."""
-    name = type(model).__name__
-    if d.stopped and not d.sites:
-        raise TraceError(f"cannot plan for {name}: its forward failed on a fake input of size "
-                         f"{'x'.join(map(str, d.input_size))}: {d.stopped}")
+def _notes_for_rules(rules: Rules, entries: list[PlannedSite], d: Analysis, strict: bool) -> list[str]:
+    """Rules that select nothing and options that reach no module: warnings (errors with ``strict``)."""
     notes: list[str] = []
-    if entries is None:
-        _check_ranges(rules, d.sites, name)
-        entries = match(rules, d.sites)
-        used = {i for e in entries for i in e.matched}
-        for i in range(len(rules.rules)):
-            if i not in used:
-                msg = f"{rules.where('rules', i)}: rule {i} selects no site of {name} ({len(d.sites)} sites; " \
-                      f"se-surgery sites MODEL lists them)"
-                if strict:
-                    raise PlanError(msg)
-                notes.append(msg)
-        for msg in rules.unused_options((e.matched, e.options.module) for e in entries if e.selected):
-            if strict:
-                raise PlanError(msg)
-            notes.append(msg)
-    bad = [e.site.name for e in entries
-           if e.selected and e.options.variant not in VARIANTS_BY_KIND[e.site.kind]]
+    used = {i for e in entries for i in e.matched}
+    unused = [f"{rules.where('rules', i)}: rule {i} selects no site of {d.model} ({len(d.sites)} sites; "
+              f"se-surgery sites MODEL lists them)" for i in range(len(rules.rules)) if i not in used]
+    for msg in unused + rules.unused_options((e.matched, e.options.module) for e in entries if e.selected):
+        if strict:
+            raise PlanError(msg)
+        notes.append(msg)
+    return notes
+
+
+def _check_variants(rules: Rules, entries: list[PlannedSite]) -> None:
+    """Refuse a variant where the site cannot take it (naming the rule that chose it)."""
+    chosen = [e for e in entries if e.selected and e.options is not None]
+    bad = [e for e in chosen if e.options.variant not in VARIANTS_BY_KIND[e.site.kind]]
     if bad:
-        e0 = next(e for e in entries if e.site.name == bad[0])
+        e0, names = bad[0], [e.site.name for e in bad]
         raise PlanError(
             f"{rules.where('rules', e0.rule)}: rule {e0.rule}, key 'variant': variant "
-            f"{e0.options.variant!r} is not allowed at {e0.site.kind} site(s) {', '.join(bad[:5])}"
-            f"{' ...' if len(bad) > 5 else ''}; {e0.site.kind} sites allow only 'standard' "
+            f"{e0.options.variant!r} is not allowed at {e0.site.kind} site(s) {', '.join(names[:5])}"
+            f"{' ...' if len(names) > 5 else ''}; {e0.site.kind} sites allow only 'standard' "
             f"(add kind: residual to the rule's select)"
         )
-    no_fork = [e for e in entries if e.selected and e.options.variant == "pre" and e.site.in_channels is None]
+    no_fork = [e for e in chosen if e.options.variant == "pre" and e.site.in_channels is None]
     if no_fork:
         raise PlanError(
             f"{rules.where('rules', no_fork[0].rule)}: rule {no_fork[0].rule}, key 'variant': 'pre' needs the "
             f"block's input to be a 4-D map, which it is not at {no_fork[0].site.name}; use another variant"
         )
-    no_inner = [e for e in entries if e.selected and e.options.variant == "inner" and e.site.inner is None]
+    no_inner = [e for e in chosen if e.options.variant == "inner" and e.site.inner is None]
     if no_inner:
         raise PlanError(
             f"{rules.where('rules', no_inner[0].rule)}: rule {no_inner[0].rule}, key 'variant': 'inner' needs a "
             f"spatial convolution in the residual branch, and {no_inner[0].site.name} has none; use another variant"
         )
-    scaled = [e.site.name for e in entries if e.selected and e.site.layer_scale and e.options.variant == "standard"]
-    if scaled:
-        notes.append(f"{len(scaled)} site(s) of {name} (e.g. {scaled[0]}) scale their branch by a learned layer "
-                     "scale (ConvNeXt-style, often initialised near 1e-6): a 'standard' SE sits before it, so its "
-                     "gradients are scaled by it and it barely moves with a frozen base; 'post' or 'identity' "
-                     "place it outside the layer scale")
-    if d.untraced:
-        listed = "; ".join(f"{p} ({why})" for p, why in d.untraced)
-        if strict:
-            raise PlanError(f"strict: {len(d.untraced)} module(s) could not be traced, their joins were not "
-                            f"searched: {listed}")
+
+
+def _layer_scale_note(entries: list[PlannedSite], name: str) -> list[str]:
+    scaled = [e.site.name for e in entries if e.selected and e.site.layer_scale
+              and cast(SEOptions, e.options).variant == "standard"]
+    if not scaled:
+        return []
+    return [f"{len(scaled)} site(s) of {name} (e.g. {scaled[0]}) scale their branch by a learned layer "
+            "scale (ConvNeXt-style, often initialised near 1e-6): a 'standard' SE sits before it, so its "
+            "gradients are scaled by it and it barely moves with a frozen base; 'post' or 'identity' "
+            "place it outside the layer scale"]
+
+
+def _untraced(d: Analysis, strict: bool) -> str | None:
+    """The untraced modules, said once (an error with ``strict``)."""
+    if not d.untraced:
+        return None
+    listed = "; ".join(f"{p} ({why})" for p, why in d.untraced)
+    if strict:
+        raise PlanError(f"strict: {len(d.untraced)} module(s) could not be traced, their joins were not "
+                        f"searched: {listed}")
+    return (f"{len(d.untraced)} module(s) of {d.model} could not be traced, their joins were not searched "
+            f"(strict=True makes this an error): {listed}")
+
+
+def plan_from(rules: Rules, d: Analysis, *, strict: bool = False,
+              entries: list[PlannedSite] | None = None) -> Plan:
+    """Validate ``rules`` (or given ``entries``) against an analysis; warn and build the Plan."""
+    if d.stopped and not d.sites:
+        raise TraceError(f"cannot plan for {d.model}: its forward failed on a fake input of size "
+                         f"{'x'.join(map(str, d.input_size))}: {d.stopped}")
+    notes: list[str] = []
+    if entries is None:
+        _check_ranges(rules, list(d.sites), d.model)
+        entries = match(rules, list(d.sites))
+        notes = _notes_for_rules(rules, entries, d, strict)
+    _check_variants(rules, entries)
+    notes += _layer_scale_note(entries, d.model)
+    untraced = _untraced(d, strict)
     for msg in notes:
         warnings.warn(msg, SESurgeryWarning, stacklevel=3)
-    if d.untraced:  # listed in Plan.untraced; said once here for callers who only see warnings
-        warnings.warn(f"{len(d.untraced)} module(s) of {name} could not be traced, their joins were not searched "
-                      f"(strict=True makes this an error): {listed}", SESurgeryWarning, stacklevel=3)
-    return Plan(name, d.input_size, rules, entries, list(d.untraced), notes, fingerprint(model), d)
+    if untraced:  # listed in Plan.untraced; said once here for callers who only see warnings
+        warnings.warn(untraced, SESurgeryWarning, stacklevel=3)
+    return Plan(d.model, d.input_size, rules, entries, list(d.untraced), notes, d.fingerprint, d)

@@ -13,18 +13,19 @@ import csv
 import io
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import cast
 
 from torch import nn
 
 from . import modules
 from ._checks import check_model
 from ._compat import flop_counter
-from .errors import PlanError, TraceError
+from .errors import ModelTypeError, PlanError, TraceError
 from .fake import run_copy
-from .plan import Plan, is_patched, plan_from, se_modules
+from .plan import Plan, check_plan, plan_from
+from .record import inserted_modules, is_patched
 from .rules import load_rules
-from .sites import discover, resolve_input_size
+from .sites import Analysis, analysis_of, resolve_input_size
 from .trace import short_error
 
 __all__ = ["CSV_COLUMNS", "FOOTER", "FORMATS", "Report", "SiteRow", "report", "se_macs", "se_params"]
@@ -198,13 +199,15 @@ def _count(model: nn.Module, size: tuple[int, int, int], watch=()) -> tuple[int,
     return int(counter.get_total_flops()) // 2, seen
 
 
-def report(model: nn.Module, rules=None, *, input_size=None, tracer_kwargs=None) -> Report:
+def report(model: nn.Module | Analysis, rules=None, *, input_size=None, tracer_kwargs=None) -> Report:
     """What SE adds to ``model``, in parameters and MACs, per site and in total.
 
-    For a model patched by :func:`se_surgery.apply`, describes its SE modules (``rules``
-    must be None). For an unpatched model, describes what ``rules`` (default
-    ``all_stages``, or a :class:`~se_surgery.Plan`) would add. Either way nothing runs
-    on real tensors and nothing of ``model`` runs or changes (see :func:`find_sites`).
+    For a model patched by :func:`se_surgery.apply`, describes its inserted modules
+    (``rules`` must be None). For an unpatched model, or its
+    :class:`~se_surgery.Analysis`, describes what ``rules`` (default ``all_stages``, or a
+    :class:`~se_surgery.Plan`) would add; one analysis serves any number of rule sets.
+    Either way nothing runs on real tensors and nothing of ``model`` runs or changes
+    (see :func:`find_sites`).
 
     Example:
         >>> import torchvision
@@ -213,46 +216,58 @@ def report(model: nn.Module, rules=None, *, input_size=None, tracer_kwargs=None)
         >>> r.base_params, r.added_params, round(r.added_params_pct, 2)
         (25557032, 2530992, 9.9)
     """
-    check_model(model)
-    size = resolve_input_size(model, input_size)
-    n_params = sum(p.numel() for p in model.parameters())
-    if is_patched(model):
+    if not isinstance(model, Analysis):
+        check_model(model, what="a torch.nn.Module or an se_surgery.Analysis")
+    if isinstance(model, nn.Module) and is_patched(model):
         if rules is not None:
             raise PlanError("this model already has SE from se-surgery; report(model) describes it, "
                             "rules only apply to an unpatched model")
-        mods = se_modules(model)
-        total_macs, seen = _count(model, size, [m for _, m in mods])
-        rows, fc_macs = [], 0  # fc_macs: what the flop counter counted inside the inserted modules
-        se: Any  # SE modules carry se_site and se_options as plain attributes
-        for _, se in mods:
-            shape = seen.get(id(se))
-            if shape is None:
-                raise TraceError(f"SE module at {se.se_site.name} was not reached by a forward pass")
-            o = se.se_options
-            channels, spatial = (shape[1], shape[2:4]) if se.se_site.channel_dim == 1 else (shape[3], shape[1:3])
-            params = sum(p.numel() for p in se.parameters())
-            opts = o.module_options()
-            rows.append(SiteRow(se.se_site.name, se.se_site.kind, se.se_site.stage, o.variant, channels,
-                                modules.hidden(o.module, channels, opts), params,
-                                modules.count_macs(o.module, channels, spatial, opts), o.module))
-            fc_macs += modules.weight_macs(o.module, channels, spatial, opts)
-        added = sum(r.params for r in rows)
-        return Report(type(model).__name__, size, n_params - added, added, total_macs - fc_macs,
-                      sum(r.macs for r in rows), rows, rules=None)
+        return _report_patched(model, resolve_input_size(model, input_size))
     if isinstance(rules, Plan):
+        if input_size is not None or tracer_kwargs is not None:
+            raise PlanError("input_size and tracer_kwargs belong to plan(); a Plan passed to report() already has "
+                            "them")
+        check_plan(rules, model)
         p = rules
-        size = p.input_size
-    else:  # plan()'s discovery, with the base MACs counted in its own fake pass
-        d = discover(model, size, tracer_kwargs=tracer_kwargs, count_macs=True)
-        p = plan_from(model, load_rules(rules), d)
-    counted = p.discovery.graphs.macs if p.discovery is not None and p.discovery.graphs is not None else None
-    base_macs = counted if counted is not None else _count(model, size)[0]
+    else:  # the base MACs are counted in the analysis's own fake pass
+        p = plan_from(load_rules(rules), analysis_of(model, input_size, tracer_kwargs, count_macs=True))
+    d = cast(Analysis, p.analysis)  # every plan check_plan passes has its analysis
+    base_macs = d.macs if d.macs is not None else _base_macs(model, p)
     rows = [SiteRow(e.site.name, e.site.kind, e.site.stage, e.options.variant, e.se_channels, e.hidden,
                     modules.count_params(e.options.module, e.se_channels, e.options.module_options()),
                     modules.count_macs(e.options.module, e.se_channels, e.se_spatial, e.options.module_options()),
                     e.options.module)
-            for e in p.selected]
-    return Report(type(model).__name__, size, n_params, sum(r.params for r in rows), base_macs,
+            for e in p.selected if e.options is not None]
+    return Report(d.model, p.input_size, d.base_params, sum(r.params for r in rows), base_macs,
                   sum(r.macs for r in rows), rows, rules=p.rules.source)
 
 
+def _base_macs(model, p: Plan) -> int:
+    """MACs of ``model`` where its analysis did not count them (a plan made by plan(model))."""
+    if isinstance(model, Analysis):
+        raise ModelTypeError(f"the analysis of this {model.model} counted no MACs (it came from plan(model)); pass "
+                             "the model, or an analysis from se_surgery.analyze(model)")
+    return _count(model, p.input_size)[0]
+
+
+def _report_patched(model: nn.Module, size: tuple[int, int, int]) -> Report:
+    """The report of the modules a patched model carries, measured in one fake forward."""
+    mods = inserted_modules(model)
+    total_macs, seen = _count(model, size, [m for _, m, _ in mods])
+    rows, fc_macs = [], 0  # fc_macs: what the flop counter counted inside the inserted modules
+    for _, se, rec in mods:
+        shape = seen.get(id(se))
+        if shape is None:
+            raise TraceError(f"SE module at {rec.site.name} was not reached by a forward pass")
+        o, site = rec.options, rec.site
+        channels, spatial = (shape[1], shape[2:4]) if site.channel_dim == 1 else (shape[3], shape[1:3])
+        params = sum(p.numel() for p in se.parameters())
+        opts = o.module_options()
+        rows.append(SiteRow(site.name, site.kind, site.stage, o.variant, channels,
+                            modules.hidden(o.module, channels, opts), params,
+                            modules.count_macs(o.module, channels, spatial, opts), o.module))
+        fc_macs += modules.weight_macs(o.module, channels, spatial, opts)
+    added = sum(r.params for r in rows)
+    n_params = sum(p.numel() for p in model.parameters())
+    return Report(type(model).__name__, size, n_params - added, added, total_macs - fc_macs,
+                  sum(r.macs for r in rows), rows, rules=None)

@@ -19,9 +19,11 @@ resolves by the same order. The resolved module is built from the options writte
 (``ratio`` in a preset's defaults at a site a rule gives ``module: eca``) are not passed
 to it, and options nobody wrote take the module's own defaults (``gc`` reduces by 8, not
 by the ``ratio`` default of ``se``). ``se`` itself is built from the SE fields of
-:class:`SEOptions`, as before. A key written in a rule that no module the rule can
-resolve to takes is an error; one that reaches no module in the model is a warning at
-plan time (an error with ``strict``).
+:class:`SEOptions`, as before. ``defaults`` are shared by all modules: each takes the
+options it knows, so a default only other modules take (a preset's ``bias`` when every
+rule says ``module: eca``) is no error; a defaults key no registered module takes is. A
+key written in a rule that no module the rule can resolve to takes is an error; one that
+reaches no module in the model is a warning at plan time (an error with ``strict``).
 """
 
 from __future__ import annotations
@@ -477,14 +479,19 @@ class _Checker:
             self.fail(path, str(e))
         return value
 
-    def options(self, path, mapping: dict, candidates: tuple[str, ...], what: str, fixed: tuple[str, ...]) -> dict:
+    def options(self, path, mapping: dict, candidates: tuple[str, ...], what: str, fixed: tuple[str, ...],
+                shared: bool = False) -> dict:
         """Check every key of ``mapping`` outside ``fixed``: some module in ``candidates``
-        (those the rule can resolve to) must take it, and each that does accepts its value."""
+        (those the rule can resolve to; any registered module where ``shared``) must take
+        it, and each that does accepts its value."""
         out = {}
         for k, v in mapping.items():
             if k in fixed:
                 continue
             takers = [m for m in candidates if modules.accepts(m, k)]
+            if shared and not takers:
+                candidates = tuple(modules.module_names())
+                takers = [m for m in candidates if modules.accepts(m, k)]
             if not takers:
                 self._not_taken(path + (k,), k, candidates, what, fixed)
             for m in takers:
@@ -575,7 +582,10 @@ def _from_data(data, source: str, lines: dict) -> Rules:
                     else None for i, r in enumerate(raw_rules)]
     every = tuple(dict.fromkeys([default_module, *(m for m in rule_modules if m)]))
     fixed = ("variant", "module")
-    written = chk.options(("defaults",), defaults_raw, every, "defaults", fixed)
+    # Defaults are shared by every module: each takes the options it knows, so an option
+    # only other registered modules take (a preset's 'bias' when every rule says eca) is
+    # no error; one that no module takes is.
+    written = chk.options(("defaults",), defaults_raw, every, "defaults", fixed, shared=True)
     if defaults_raw.get("variant", "standard") not in VARIANTS:
         chk.fail(("defaults", "variant"), f"variant must be one of {', '.join(VARIANTS)}, "
                                           f"got {defaults_raw['variant']!r}")

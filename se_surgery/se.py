@@ -187,6 +187,19 @@ class SqueezeExcite(nn.Module):
         g = self._excite(x)
         return g * self.gate_scale if self.gate_scale != 1.0 else g
 
+    # The inserted-module protocol (se_surgery.modules.ChannelAttention).
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """The factor this module multiplies ``x`` by (the gate): exactly 1 at identity."""
+        return self.gate(x)
+
+    def identity_tensors(self) -> list[torch.Tensor]:
+        """The tensors identity init zeroes: while they are zero, the gate is exactly 1."""
+        return [t for t in (self.fc2.weight, self.fc2.bias) if t is not None]
+
+    def is_identity(self) -> bool:
+        """Whether the module computes exactly its input (for every input)."""
+        return self.gate_scale == 2.0 and not any(bool(t.any()) for t in self.identity_tensors())
+
     #: False selects the pre-fused composite path (aten ops only); the benchmarks compare both.
     use_fused: bool = True
 

@@ -219,7 +219,7 @@ def build_space(model: nn.Module, input_size=None, *, modules: Sequence[str] | N
             ok = []
             for v in variants:
                 try:
-                    p = plan_from(model, load_rules({"defaults": defaults, "rules": [
+                    p = plan_from(load_rules({"defaults": defaults, "rules": [
                         {"select": {"stage": s, **select}, "module": modules[0], "variant": v}]}), d)
                 except (PlanError, RuleError):
                     continue

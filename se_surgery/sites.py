@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import cast
@@ -27,7 +28,7 @@ from .nodes import (
 )
 from .trace import ModelGraphs, ModuleGraph, trace_model
 
-__all__ = ["Site", "Discovery", "find_sites", "discover", "resolve_input_size", "KINDS"]
+__all__ = ["Site", "Analysis", "find_sites", "discover", "fingerprint", "resolve_input_size", "KINDS"]
 
 KINDS = ("residual", "branch_sum", "concat")
 
@@ -94,23 +95,67 @@ class Site:
         return cls(**d)
 
 
-@dataclass
-class Discovery:
-    """Everything discovery learned: the sites, what it passed over, and the graphs it read."""
+@dataclass(frozen=True)
+class Analysis:
+    """Everything one look at a model learned: a value that plans, reports and
+    :func:`se_surgery.apply` (through a plan) reuse instead of tracing the model again.
 
-    sites: list[Site]
+    Attributes:
+        sites: every site, in model order.
+        input_size: the (C, H, W) the shapes were measured at.
+        untraced: (module path, why) of every module whose joins were not searched.
+        rejected: (join, why it is no site) of every join passed over.
+        graphs: the traced graphs of the model's structural copy (what apply rewrites).
+        stopped: why the model's fake forward stopped, if it did.
+        model: the model's class name.
+        fingerprint: the model's structure (see :func:`fingerprint`); a plan made from
+            this analysis cuts only a model with the same one.
+        base_params: the model's parameter count.
+    """
+
+    sites: tuple[Site, ...]
     input_size: tuple[int, int, int]
-    untraced: list[tuple[str, str]] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (join, why it is no site)
-    graphs: ModelGraphs | None = field(default=None, repr=False)
+    untraced: tuple[tuple[str, str], ...] = ()
+    rejected: tuple[tuple[str, str], ...] = ()  # (join, why it is no site)
+    graphs: ModelGraphs | None = field(default=None, repr=False, compare=False)
     stopped: str | None = None
+    model: str = ""
+    fingerprint: str = ""
+    base_params: int = 0
+
+    @property
+    def stages(self) -> dict[int, int]:
+        """Stage number -> how many sites it has."""
+        sizes: dict[int, int] = {}
+        for s in self.sites:
+            sizes[s.stage] = sizes.get(s.stage, 0) + 1
+        return sizes
+
+    @property
+    def macs(self) -> int | None:
+        """The model's MACs at ``input_size``, where the fake pass counted them (:func:`analyze` does)."""
+        return self.graphs.macs if self.graphs is not None else None
 
     def graph_of(self, owner: str) -> ModuleGraph:
         """The traced graph of the module at ``owner`` (the one the sites were found in)."""
-        for g in self.graphs.graphs:
+        for g in cast(ModelGraphs, self.graphs).graphs:
             if g.path == owner:
                 return g
         raise KeyError(owner)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A digest of the model's structure: its class, every module's path and class, and
+    every parameter and buffer's name and shape. Two models with the same fingerprint
+    accept the same plan (weights and dtype may differ)."""
+    h = hashlib.sha256()
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for name, m in model.named_modules(remove_duplicate=False):
+        h.update(f"|{name}:{type(m).__module__}.{type(m).__qualname__}".encode())
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        h.update(f"|{name}{tuple(t.shape)}".encode())
+    return h.hexdigest()[:16]
 
 
 def resolve_input_size(model: nn.Module, input_size=None) -> tuple[int, int, int]:
@@ -285,10 +330,10 @@ def _within(path: str, block: str) -> bool:
     return not block or path == block or path.startswith(block + ".")
 
 
-def discover(model: nn.Module, input_size=None, *, tracer_kwargs=None, count_macs: bool = False) -> Discovery:
+def discover(model: nn.Module, input_size=None, *, tracer_kwargs=None, count_macs: bool = False) -> Analysis:
     """Trace, propagate shapes and classify every join. See :func:`find_sites`.
 
-    With ``count_macs``, the same fake pass also counts the model's MACs (``graphs.macs``).
+    With ``count_macs``, the same fake pass also counts the model's MACs (``Analysis.macs``).
     """
     check_model(model)
     size = resolve_input_size(model, input_size)
@@ -334,10 +379,16 @@ def discover(model: nn.Module, input_size=None, *, tracer_kwargs=None, count_mac
             rejected.append((f"{f['graph'].path or '<model>'}:{n.name}", "inner part of a sum of branches"))
             continue
         outer.append(f)
-    return Discovery(_name_and_number(model, outer, mg.stride_size or size, views), size,
-                     mg.untraced() + list(blocked.items())
-                     + ([("<model>", f"the forward stopped: {mg.stopped}")] if mg.stopped else []),
-                     rejected, mg, mg.stopped)
+    return _analysis(model, size, mg, _name_and_number(model, outer, mg.stride_size or size, views), blocked,
+                     rejected)
+
+
+def _analysis(model: nn.Module, size, mg: ModelGraphs, sites: list[Site], blocked: dict[str, str],
+              rejected: list[tuple[str, str]]) -> Analysis:
+    untraced = mg.untraced() + list(blocked.items()) + (
+        [("<model>", f"the forward stopped: {mg.stopped}")] if mg.stopped else [])
+    return Analysis(tuple(sites), size, tuple(untraced), tuple(rejected), mg, mg.stopped, type(model).__name__,
+                    fingerprint(model), sum(p.numel() for p in model.parameters()))
 
 
 def _name_and_number(model: nn.Module, found: list[dict], canonical, views) -> list[Site]:
@@ -381,7 +432,7 @@ def _name_and_number(model: nn.Module, found: list[dict], canonical, views) -> l
     return sites
 
 
-def find_sites(model: nn.Module, input_size=None, *, tracer_kwargs=None) -> list[Site]:
+def find_sites(model: nn.Module | Analysis, input_size=None, *, tracer_kwargs=None) -> list[Site]:
     """Find every join in ``model`` where SE can go, without changing or running it.
 
     Every module the model calls is traced with ``torch.fx`` on its own, as the model
@@ -393,7 +444,7 @@ def find_sites(model: nn.Module, input_size=None, *, tracer_kwargs=None) -> list
     (timm ``pretrained_cfg``) or 224, so they do not depend on ``input_size``.
 
     Args:
-        model: any ``nn.Module`` taking one image batch.
+        model: any ``nn.Module`` taking one image batch, or its :class:`Analysis`.
         input_size: ``N``, ``(H, W)`` or ``(C, H, W)`` of the example input; default
             the model's timm ``pretrained_cfg`` size, else 3x224x224.
         tracer_kwargs: ``leaf_modules``, ``autowrap_functions``, ``autowrap_modules``
@@ -409,8 +460,19 @@ def find_sites(model: nn.Module, input_size=None, *, tracer_kwargs=None) -> list
         >>> len(sites), sites[0].name, sites[0].channels, sites[-1].spatial, sites[-1].stage
         (16, 'layer1.0', 256, (7, 7), 4)
     """
-    d = discover(model, input_size, tracer_kwargs=tracer_kwargs)
+    d = analysis_of(model, input_size, tracer_kwargs)
     if d.stopped and not d.sites:
-        raise TraceError(f"cannot find the joins of {type(model).__name__}: its forward failed on a fake input of "
+        raise TraceError(f"cannot find the joins of {d.model}: its forward failed on a fake input of "
                          f"size {'x'.join(map(str, d.input_size))}: {d.stopped}")
-    return d.sites
+    return list(d.sites)
+
+
+def analysis_of(model, input_size=None, tracer_kwargs=None, *, count_macs: bool = False) -> Analysis:
+    """``model`` itself when it is an :class:`Analysis` (then ``input_size`` and
+    ``tracer_kwargs`` must be None: they were the analysis's), else its discovery."""
+    if isinstance(model, Analysis):
+        if input_size is not None or tracer_kwargs is not None:
+            raise ModelTypeError("input_size and tracer_kwargs belong to analyze(); an Analysis already has them "
+                                 f"(input size {'x'.join(map(str, model.input_size))})")
+        return model
+    return discover(model, input_size, tracer_kwargs=tracer_kwargs, count_macs=count_macs)

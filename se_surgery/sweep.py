@@ -283,7 +283,8 @@ def _run_trial(base: nn.Module, trial: Trial, resolved: dict | None, cost: dict,
     model = copy.deepcopy(base)
     if resolved is not None:
         # Seeded before apply(): the SE modules' first FC starts from the same draw on every rank.
-        model = se_surgery.apply(model, resolved, input_size=data.input_size, inplace=True)
+        # The plan priced before the first trial: the sweep traces the model once, not per trial.
+        model = se_surgery.apply(model, cost["plan"], inplace=True)
     model.to(d.device)
     hook = None if on_epoch is None else (lambda epoch, steps: on_epoch(model, epoch, steps))
     steps = _fine_tune(model, data, config, d, trial.seed, resolved is not None, trial.label, progress, hook)
@@ -310,12 +311,16 @@ def _run_trial(base: nn.Module, trial: Trial, resolved: dict | None, cost: dict,
 
 def _costs(base: nn.Module, settings: dict, input_size) -> dict:
     """Validate every setting's plan on the model and price it, before any training."""
-    import se_surgery
+    # From the modules: the package attribute se_surgery.plan is the submodule once
+    # something imports it by that name (pytest's --doctest-modules does).
+    from .plan import analyze, plan
+    from .report import report
 
     out = {}
+    analysis = analyze(base, input_size)  # traced once for every setting
     for setting, resolved in settings.items():
-        p = se_surgery.plan(base, resolved, input_size=input_size)
-        rep = se_surgery.report(base, resolved, input_size=input_size)
+        p = plan(analysis, resolved)
+        rep = report(analysis, p)
         opts = [e.options for e in p.selected]
         _, variant, ratio, module = setting
         out[setting] = {
@@ -323,6 +328,7 @@ def _costs(base: nn.Module, settings: dict, input_size) -> dict:
             "variant": variant if variant is not None else _one(o.variant for o in opts),
             "ratio": ratio if ratio is not None else _one(float(o.ratio) for o in opts),
             "module": module if module is not None else _one(getattr(o, "module", "se") for o in opts),
+            "plan": p,
         }
     return out
 

@@ -423,11 +423,13 @@ def evaluate(model: nn.Module, dataset, d: Dist, *, batch_size: int = 256, worke
 
 @torch.no_grad()
 def se_drift(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """How far the SE modules have moved from identity, on the batch ``x``.
+    """How far the inserted modules (SE or any registered module) have moved from identity, on the batch ``x``.
 
-    ``fc2_max``: the largest ``|w|`` over every SE module's last FC weight (0 at
-    identity init); ``gate_dev``: the mean ``|gate - 1|`` over channels, images and SE
-    modules (0 while SE still computes the identity). Runs one forward in eval mode.
+    ``fc2_max``: the largest ``|value|`` over every module's tensors that identity init
+    zeroes (SE's last FC, ECA's conv, ...; 0 at identity init); ``gate_dev``: the mean
+    ``|excitation - 1|`` (:func:`se_surgery.modules.excitation`: the gate) over channels,
+    images and modules (0 while every module still computes the identity). Runs one
+    forward in eval mode.
 
     Example:
         >>> import torchvision, se_surgery
@@ -435,13 +437,14 @@ def se_drift(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         >>> se_drift(m, torch.randn(2, 3, 32, 32))
         {'fc2_max': 0.0, 'gate_dev': 0.0}
     """
-    from .plan import se_modules
+    from .modules import excitation
+    from .record import inserted_modules
 
-    mods = [m for _, m in se_modules(model)]
+    mods = [m for _, m, _ in inserted_modules(model)]
     devs: list[torch.Tensor] = []
-    # The pre-hook reads the SE input before forward runs: an SE may write its result
-    # into that tensor in place when no gradient is needed.
-    hooks = [m.register_forward_pre_hook(lambda m, args: devs.append((m.gate(args[0]) - 1).abs().mean()))
+    # The pre-hook reads the module's input before forward runs: an SE may write its
+    # result into that tensor in place when no gradient is needed.
+    hooks = [m.register_forward_pre_hook(lambda m, args: devs.append((excitation(m, args[0]) - 1).abs().mean()))
              for m in mods]
     was = model.training
     try:
@@ -451,6 +454,7 @@ def se_drift(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         for h in hooks:
             h.remove()
         model.train(was)
-    fc2 = max((float(m.fc2.weight.abs().max()) for m in mods), default=0.0)
-    dev = float(torch.stack(devs).mean()) if devs else 0.0
+    zeroed = [t for m in mods for t in getattr(m, "identity_tensors", list)()]
+    fc2 = max((float(t.abs().max()) for t in zeroed), default=0.0)
+    dev = float(torch.stack([d.float() for d in devs]).mean()) if devs else 0.0
     return {"fc2_max": fc2, "gate_dev": dev}

@@ -56,7 +56,7 @@ def test_resnet50_all_stages_params_class_and_weights(resnet50, patched50):
 def test_identity_init_keeps_outputs(resnet50, preset):
     model = se_surgery.apply(resnet50, preset).eval()
     variant = {"all_stages": "standard", "se_pre": "pre", "se_post": "post", "se_identity": "identity"}[preset]
-    assert {m.se_options.variant for _, m in se_modules(model)} == {variant}
+    assert {r.options.variant for _, _, r in se_surgery.inserted_modules(model)} == {variant}
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(model(x), resnet50(x))
@@ -92,10 +92,10 @@ def test_training_reaches_se(patched50):
 
 def test_stage_presets(resnet50):
     late = se_surgery.apply(resnet50, "late_stages")
-    assert sorted(m.se_site.name for _, m in se_modules(late)) == sorted(
+    assert sorted(r.site.name for _, _, r in se_surgery.inserted_modules(late)) == sorted(
         [f"layer3.{i}" for i in range(6)] + [f"layer4.{i}" for i in range(3)])
     cheap = se_surgery.apply(resnet50, "no_last_stage")
-    stages = {m.se_site.stage for _, m in se_modules(cheap)}
+    stages = {r.site.stage for _, _, r in se_surgery.inserted_modules(cheap)}
     assert stages == {1, 2, 3}
     assert _nparams(cheap) - RESNET50_PARAMS == 951_600
 

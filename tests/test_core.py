@@ -114,7 +114,8 @@ def test_apply_cuts_exactly_the_plan_and_refuses_another_models():
     p = se_surgery.plan(model, "late_stages", input_size=32)
     patched = se_surgery.apply(model, p)
     assert sorted(n for n, _ in se_modules(patched)) == sorted(f"{e.site.owner}.se" for e in p.selected)
-    with pytest.raises(PlanError, match=r"this plan was made for another model \(ResNet\)"):
+    with pytest.raises(PlanError, match=r"this plan was made for another model \(a ResNet, structure \w+\), not "
+                                         r"this ResNet \(structure \w+\)"):
         se_surgery.apply(torchvision.models.resnet34(), p)
 
 

@@ -26,7 +26,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 import se_surgery
 from se_surgery import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError
 from se_surgery.cli import build_for_training
-from se_surgery.plan import se_modules
+from se_surgery.record import plan_facts
 from se_surgery.train import Dist, digits_data, evaluate, load_base_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,8 +163,8 @@ def test_load_se_on_a_fresh_model_gives_identical_outputs(tuned, pretrained, tes
     assert list(loaded.state_dict()) == list(model.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     # Rediscovered at the size apply() used (spatial sizes of 32x32 input, not 224x224).
-    for (_, a), (_, b) in zip(se_modules(loaded), se_modules(model)):
-        assert a.se_site == b.se_site and a.se_options == b.se_options and a.se_input_size == (3, 32, 32)
+    assert [r for _, _, r in se_surgery.inserted_modules(loaded)] == [r for _, _, r in se_surgery.inserted_modules(model)]
+    assert plan_facts(loaded) == plan_facts(model) and plan_facts(loaded)[0].input_size == (3, 32, 32)
     # Saving the loaded model again writes the same file content.
     again = work / "again.safetensors"
     se_surgery.save_se(loaded, again)
@@ -213,7 +213,7 @@ def test_round_trip_keeps_per_site_options(tv_resnet18, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
         assert not torch.equal(loaded(x), tv_resnet18(x))  # the SE weights matter
-    opts = [(n, m.se_options.variant, m.se_options.squeeze, m.hidden) for n, m in se_modules(loaded)]
+    opts = [(n, r.options.variant, r.options.squeeze, m.hidden) for n, m, r in se_surgery.inserted_modules(loaded)]
     assert opts == [("layer1.0.se", "pre", "avg", 16), ("layer1.1.se", "pre", "avg", 16),
                     ("layer4.0.se", "post", "avgmax", 128), ("layer4.1.se", "post", "avgmax", 128)]
 

@@ -256,9 +256,11 @@ def test_seoptions_round_trips():
     ("rules:\n  - select: {}\n    module: ecca\n",
      (r"rules.yaml:3: rule 0, key 'module': unknown module 'ecca' \(did you mean 'eca'\?\); available: se, ese, eca, "
       r"gc, cbam")),
-    ("defaults: {module: gc, squeeze: max}\nrules: [{select: {}}]\n",
-     (r"rules.yaml:1: key 'defaults.squeeze': module 'gc' takes no option 'squeeze'; gc takes: ratio, divisor, "
-      r"min_hidden, fuse, gate, init \('squeeze' is an option of se: set module: se\)$")),
+    # defaults are shared by all modules: a key no registered module takes is the error.
+    ("defaults: {module: gc, sqeeze: max}\nrules: [{select: {}}]\n",
+     (r"rules.yaml:1: key 'defaults.sqeeze': unknown defaults key 'sqeeze' \(did you mean 'squeeze'\?\); allowed: "
+      r"variant, ratio, divisor, min_hidden, squeeze, .*, add_maxpool, kernel_size, gamma, beta, fuse, "
+      r"spatial_kernel_size, module$")),
 ])
 def test_option_errors_name_file_line_rule_key_and_what_the_module_takes(tmp_path, text, message):
     with pytest.raises(RuleError, match=message):

@@ -102,7 +102,7 @@ def test_untraceable_model_sites_in_traceable_blocks(wild):
     d = discover(wild, 32)
     assert [(s.name, s.stage, s.block, s.channels, s.spatial) for s in d.sites] == [
         ("layer1.0", 1, 1, 16, (32, 32)), ("layer1.1", 1, 2, 16, (32, 32)), ("layer2.0", 2, 1, 32, (16, 16))]
-    assert d.untraced == [("<model>", CONTROL_FLOW), ("gated", CONTROL_FLOW)]
+    assert d.untraced == (("<model>", CONTROL_FLOW), ("gated", CONTROL_FLOW))
 
 
 def test_untraceable_model_gets_se_in_its_blocks(wild):
@@ -426,9 +426,9 @@ def test_presets_never_double_se(mnv3, preset):
         patched = se_surgery.apply(mnv3, preset, input_size=64)
     assert not any(e.site.has_attention for e in p.selected)
     owners = {e.site.owner for e in p.selected}
-    for name, se in se_modules(patched):
+    for name, _, rec in se_surgery.inserted_modules(patched):
         owner = name.rpartition(".")[0]
-        assert owner in owners and not se.se_site.has_attention
+        assert owner in owners and not rec.site.has_attention
         assert not any(type(m).__name__ == "SqueezeExcitation" for m in patched.get_submodule(owner).modules())
 
 
@@ -478,7 +478,7 @@ def test_default_input_size_from_timm_cfg_runs_at_other_sizes():
     torch.manual_seed(0)
     base = timm.create_model("resnet10t").eval()
     patched = se_surgery.apply(base)  # discovery at the pretrained_cfg size (3, 176, 176)
-    assert se_modules(patched)[0][1].se_site.spatial == (44, 44)
+    assert se_surgery.inserted_modules(patched)[0][2].site.spatial == (44, 44)
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(_out(patched, x), _out(base, x))
     assert patched.pretrained_cfg == base.pretrained_cfg and hasattr(patched, "forward_features")

@@ -88,7 +88,7 @@ def test_attention_already_there_is_marked():
 
 def test_vit_has_no_residual_sites():
     d = discover(_build("vit_b_16"))
-    assert d.sites == []
+    assert d.sites == ()
 
 
 def test_swin_channels_last_joins():
@@ -126,10 +126,10 @@ class TwoInputs(nn.Module):
 def test_no_site_for_embedding_or_unrelated_inputs():
     assert se_surgery.find_sites(PosEmbed(), input_size=16) == []
     d = discover(PosEmbed(), input_size=16)
-    assert d.rejected == [("<model>:add", "the operands share no common input (two unrelated tensors)")]
+    assert d.rejected == (("<model>:add", "the operands share no common input (two unrelated tensors)"),)
     d = discover(TwoInputs(), input_size=16)
-    assert d.sites == []
-    assert d.rejected == [("<model>:add", "the operands share no common input (two unrelated tensors)")]
+    assert d.sites == ()
+    assert d.rejected == (("<model>:add", "the operands share no common input (two unrelated tensors)"),)
 
 
 class DropPath(nn.Module):
