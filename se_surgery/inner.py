@@ -18,7 +18,7 @@ from ._compat import plain_codegen
 from .nodes import GraphView, is_activation_module
 from .trace import ModuleGraph
 
-__all__ = ["InnerPoint", "find_inner", "inline_path"]
+__all__ = ["InnerPoint", "find_inner", "follows", "inline_path"]
 
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d, nn.SyncBatchNorm)
 
@@ -59,7 +59,7 @@ def _candidates(view: GraphView, nodes, chain: tuple, views: dict, depth: int = 
                                    chain + ((n, view),), views, depth + 1)
 
 
-def _follows(view: GraphView, n: fx.Node) -> fx.Node:
+def follows(view: GraphView, n: fx.Node) -> fx.Node:
     """Step past the norm and activation that read the conv's output alone."""
     while len(n.users) == 1:
         u = next(iter(n.users))
@@ -82,7 +82,7 @@ def find_inner(view: GraphView, fork: fx.Node, branch: fx.Node, views: dict) -> 
     if best is None:
         return None
     _, chain, v, n = best
-    n = _follows(v, n)
+    n = follows(v, n)
     chain = list(chain)
     # Hoist while the point is what a descended-into module returns: then it lies right
     # after that module's call one level up, and fewer modules need inlining.
@@ -91,7 +91,7 @@ def find_inner(view: GraphView, fork: fx.Node, branch: fx.Node, views: dict) -> 
         if out.args[0] is not n:
             break
         call, v = chain.pop()
-        n = _follows(v, call)
+        n = follows(v, call)
     s = n.meta.get("shape")
     if s is None or len(s) != 4:
         return None

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # trace.py reads joins through this module; the import runs o
     from .trace import ModuleGraph
 
 __all__ = ["is_add", "is_cat", "is_join", "add_operands", "shape", "tensor_inputs", "ancestors", "GraphView",
+           "channel_slice_of",
            "ATTENTION_CLASSES"]
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -119,6 +120,20 @@ def ancestors(n: fx.Node) -> set[fx.Node]:
 
 def callable_name(n: fx.Node) -> str:
     return cast(str, n.target) if n.op == "call_method" else getattr(n.target, "__name__", "")
+
+
+def channel_slice_of(n) -> fx.Node | None:
+    """The tensor ``n`` is a channel slice of (``x[:, a:b]``, ``x[:, :c, :, :]``), or None."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or n.target is not operator.getitem:
+        return None
+    src, index = n.args[0], n.args[1]
+    if not isinstance(src, fx.Node) or len(shape(src) or ()) != 4 or not isinstance(index, tuple) or len(index) < 2:
+        return None
+    full = slice(None, None, None)
+    if index[0] != full or not isinstance(index[1], slice) or index[1].step not in (None, 1) \
+            or any(i != full for i in index[2:]):
+        return None
+    return src
 
 
 def is_split(n: fx.Node) -> bool:

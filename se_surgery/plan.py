@@ -60,6 +60,8 @@ class PlannedSite:
             return cast(int, self.site.in_channels)  # plan() refuses the variant where the site lacks it
         if variant == "inner":
             return cast(int, self.site.inner_channels)  # plan() refuses the variant where the site lacks it
+        if variant == "fusion":
+            return cast(int, self.site.fusion_channels)  # plan() refuses the variant where the site lacks it
         return self.site.channels
 
     @property
@@ -69,13 +71,16 @@ class PlannedSite:
             return cast(tuple[int, int], self.site.in_spatial)
         if variant == "inner":
             return cast(tuple[int, int], self.site.inner_spatial)
+        if variant == "fusion":
+            return cast(tuple[int, int], self.site.fusion_spatial)
         return self.site.spatial
 
     @property
     def hidden(self) -> int | None:
         if self.options is None:
             return None
-        return modules.hidden(self.options.module, self.se_channels, self.options.module_options())
+        return modules.hidden(self.options.module, self.se_channels, self.options.module_options(),
+                              self.site.in_channels)
 
 
 @dataclass
@@ -221,6 +226,37 @@ def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False,
     return plan_from(model, rules, d, strict=strict)
 
 
+def _refuse(rules: Rules, e: PlannedSite, message: str):
+    raise PlanError(f"{rules.where('rules', e.rule)}: rule {e.rule}, key 'variant': {message}")
+
+
+def _check_placements(rules: Rules, entries: list[PlannedSite]) -> None:
+    """Every selected site can take its variant (and ``ratio_of``) where it is."""
+    chosen = [e for e in entries if e.selected]
+    bad = [e.site.name for e in chosen if e.options.variant not in VARIANTS_BY_KIND[e.site.kind]]
+    if bad:
+        e0 = next(e for e in chosen if e.site.name == bad[0])
+        kind = e0.site.kind
+        allowed = ", ".join(repr(v) for v in VARIANTS_BY_KIND[kind])
+        hint = "add kind: residual to the rule's select" if kind != "block" else "block sites take variant: inner"
+        _refuse(rules, e0, f"variant {e0.options.variant!r} is not allowed at {kind} site(s) {', '.join(bad[:5])}"
+                           f"{' ...' if len(bad) > 5 else ''}; {kind} sites allow only {allowed} ({hint})")
+    for e in chosen:
+        v, s = e.options.variant, e.site
+        if v == "pre" and s.in_channels is None:
+            _refuse(rules, e, f"'pre' needs the block's input to be a 4-D map, which it is not at {s.name}; "
+                              "use another variant")
+        if v == "inner" and s.inner is None:
+            _refuse(rules, e, f"'inner' needs a spatial convolution in the residual branch, and {s.name} has none; "
+                              "use another variant")
+        if v == "fusion" and s.fusion is None:
+            _refuse(rules, e, f"'fusion' needs a conv layer that alone reads the concatenation, and {s.name} has "
+                              "none; use 'standard'")
+        if e.options.ratio_of == "block_input" and s.in_channels is None:
+            raise PlanError(f"{rules.where('rules', e.rule)}: rule {e.rule}, key 'ratio_of': 'block_input' needs "
+                            f"the block's input channels, which {s.kind} site {s.name} has not; use ratio_of: site")
+
+
 def plan_from(model: nn.Module, rules: Rules, d: Discovery, *, strict: bool = False,
               entries: list[PlannedSite] | None = None) -> Plan:
     """Validate ``rules`` (or given ``entries``) against a discovery; warn and build the Plan."""
@@ -244,28 +280,7 @@ def plan_from(model: nn.Module, rules: Rules, d: Discovery, *, strict: bool = Fa
             if strict:
                 raise PlanError(msg)
             notes.append(msg)
-    bad = [e.site.name for e in entries
-           if e.selected and e.options.variant not in VARIANTS_BY_KIND[e.site.kind]]
-    if bad:
-        e0 = next(e for e in entries if e.site.name == bad[0])
-        raise PlanError(
-            f"{rules.where('rules', e0.rule)}: rule {e0.rule}, key 'variant': variant "
-            f"{e0.options.variant!r} is not allowed at {e0.site.kind} site(s) {', '.join(bad[:5])}"
-            f"{' ...' if len(bad) > 5 else ''}; {e0.site.kind} sites allow only 'standard' "
-            f"(add kind: residual to the rule's select)"
-        )
-    no_fork = [e for e in entries if e.selected and e.options.variant == "pre" and e.site.in_channels is None]
-    if no_fork:
-        raise PlanError(
-            f"{rules.where('rules', no_fork[0].rule)}: rule {no_fork[0].rule}, key 'variant': 'pre' needs the "
-            f"block's input to be a 4-D map, which it is not at {no_fork[0].site.name}; use another variant"
-        )
-    no_inner = [e for e in entries if e.selected and e.options.variant == "inner" and e.site.inner is None]
-    if no_inner:
-        raise PlanError(
-            f"{rules.where('rules', no_inner[0].rule)}: rule {no_inner[0].rule}, key 'variant': 'inner' needs a "
-            f"spatial convolution in the residual branch, and {no_inner[0].site.name} has none; use another variant"
-        )
+    _check_placements(rules, entries)
     scaled = [e.site.name for e in entries if e.selected and e.site.layer_scale and e.options.variant == "standard"]
     if scaled:
         notes.append(f"{len(scaled)} site(s) of {name} (e.g. {scaled[0]}) scale their branch by a learned layer "

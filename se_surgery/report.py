@@ -229,11 +229,11 @@ def report(model: nn.Module, rules=None, *, input_size=None, tracer_kwargs=None)
             o = se.se_options
             channels, spatial = (shape[1], shape[2:4]) if se.se_site.channel_dim == 1 else (shape[3], shape[1:3])
             params = sum(p.numel() for p in se.parameters())
-            opts = o.module_options()
+            opts, block = o.module_options(), se.se_site.in_channels
             rows.append(SiteRow(se.se_site.name, se.se_site.kind, se.se_site.stage, o.variant, channels,
-                                modules.hidden(o.module, channels, opts), params,
-                                modules.count_macs(o.module, channels, spatial, opts), o.module))
-            fc_macs += modules.weight_macs(o.module, channels, spatial, opts)
+                                modules.hidden(o.module, channels, opts, block), params,
+                                modules.count_macs(o.module, channels, spatial, opts, block), o.module))
+            fc_macs += modules.weight_macs(o.module, channels, spatial, opts, block)
         added = sum(r.params for r in rows)
         return Report(type(model).__name__, size, n_params - added, added, total_macs - fc_macs,
                       sum(r.macs for r in rows), rows, rules=None)
@@ -246,8 +246,10 @@ def report(model: nn.Module, rules=None, *, input_size=None, tracer_kwargs=None)
     counted = p.discovery.graphs.macs if p.discovery is not None and p.discovery.graphs is not None else None
     base_macs = counted if counted is not None else _count(model, size)[0]
     rows = [SiteRow(e.site.name, e.site.kind, e.site.stage, e.options.variant, e.se_channels, e.hidden,
-                    modules.count_params(e.options.module, e.se_channels, e.options.module_options()),
-                    modules.count_macs(e.options.module, e.se_channels, e.se_spatial, e.options.module_options()),
+                    modules.count_params(e.options.module, e.se_channels, e.options.module_options(),
+                                         e.site.in_channels),
+                    modules.count_macs(e.options.module, e.se_channels, e.se_spatial, e.options.module_options(),
+                                       e.site.in_channels),
                     e.options.module)
             for e in p.selected]
     return Report(type(model).__name__, size, n_params, sum(r.params for r in rows), base_macs,

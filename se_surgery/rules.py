@@ -50,6 +50,7 @@ __all__ = [
     "MIN_HIDDEN_RANGE",
     "RATIO_RANGE",
     "VARIANTS",
+    "VARIANTS_BY_KIND",
     "Rule",
     "Rules",
     "SEOptions",
@@ -59,9 +60,12 @@ __all__ = [
     "preset_summaries",
 ]
 
-VARIANTS = ("standard", "pre", "post", "identity", "inner")
-KINDS = ("residual", "branch_sum", "concat")
-VARIANTS_BY_KIND = {"residual": VARIANTS, "branch_sum": ("standard",), "concat": ("standard",)}
+VARIANTS = ("standard", "pre", "post", "identity", "inner", "fusion")
+KINDS = ("residual", "branch_sum", "concat", "block")
+# What each kind of site allows: ``inner`` goes inside a residual branch or a block,
+# ``fusion`` after the layer that consumes a concatenation (VoVNet's eSE).
+VARIANTS_BY_KIND = {"residual": ("standard", "pre", "post", "identity", "inner"), "branch_sum": ("standard",),
+                    "concat": ("standard", "fusion"), "block": ("inner",)}
 TOP_KEYS = ("defaults", "rules")
 
 # A rules file is a few lines; these caps keep a hostile or mistaken file from
@@ -74,7 +78,7 @@ MAX_NESTING = 64
 class SEOptions:
     """Options of one inserted SE module (the ``defaults`` block and rule overrides)."""
 
-    variant: str = "standard"  # standard | pre | post | identity | inner
+    variant: str = "standard"  # standard | pre | post | identity | inner | fusion (VARIANTS_BY_KIND)
     ratio: float = 16  # reduction ratio r: hidden = channels / ratio; RATIO_RANGE
     divisor: int = 1  # round hidden to a multiple of this (timm uses 8); DIVISOR_RANGE
     min_hidden: int = 1  # lower bound on hidden before rounding; MIN_HIDDEN_RANGE
@@ -82,6 +86,9 @@ class SEOptions:
     squeeze: str = "avg"  # avg | max | avgmax
     gate: str = "sigmoid"  # sigmoid | hard_sigmoid
     bias: bool = True  # FCs with bias (timm's SEModule has them)
+    act: str = "relu"  # the excitation's activation: relu | relu6 | silu | gelu | hard_swish | mish
+    ratio_of: str = "site"  # site: hidden = channels / ratio; block_input: the block's input channels / ratio
+    round_limit: float = 0.0  # one divisor more where rounding lost more than 1 - this (timm's MobileNetV3: 0.9)
     module: str = "se"  # what is inserted: se | ese | eca | gc | cbam | a registered name
     # Options written for a module other than se (kernel_size, ratio for gc, ...), as
     # sorted (key, value) pairs; a dict is accepted. In Rules.defaults: every option the
@@ -148,7 +155,8 @@ class SEOptions:
         return dataclasses.replace(self, extra={k: v for k, v in self.extra if modules.accepts(self.module, k)})
 
 
-SE_KEYS = ("ratio", "divisor", "min_hidden", "init", "squeeze", "gate", "bias")  # se's own options
+SE_KEYS = ("ratio", "divisor", "min_hidden", "init", "squeeze", "gate", "bias", "act", "ratio_of",
+           "round_limit")  # se's own options
 _SE_DEFAULTS = {f.name: f.default for f in fields(SEOptions)}
 _FIELDS = tuple(f.name for f in fields(SEOptions) if f.name != "extra")
 OPTION_KEYS = _FIELDS  # keys a defaults block or a rule may always write
@@ -258,11 +266,12 @@ class Rules:
 
 
 def _preset_dir():
-    try:
-        return importlib.resources.files("se_surgery.presets")
-    except ModuleNotFoundError:
-        # A checkout used from PYTHONPATH, not installed: the presets sit beside the package.
-        return Path(__file__).resolve().parent.parent / "rules"
+    # A checkout (imported from PYTHONPATH, or another worktree beside an editable install)
+    # reads its own rules/; an installed wheel reads the packaged presets.
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "rules" / "all_stages.yaml").is_file():
+        return checkout / "rules"
+    return importlib.resources.files("se_surgery.presets")
 
 
 def preset_names() -> list[str]:

@@ -222,7 +222,7 @@ CASES = [
      PlanError, r"^<dict>: rule 0 selects no site of ResNet \(8 sites; se-surgery sites MODEL lists them\)$",
      resnet18),
     ("variant_pre_at_concat", apply_rules({"defaults": {"variant": "pre"}, "rules": [{"select": {"kind": "concat"}}]}),
-     PlanError, r"variant 'pre' is not allowed at concat site\(s\) 1; concat sites allow only 'standard' "
+     PlanError, r"variant 'pre' is not allowed at concat site\(s\) 1; concat sites allow only 'standard', 'fusion' "
                 r"\(add kind: residual to the rule's select\)$", concat_only),
     # ----- models
     ("model_is_a_string", lambda model, tmp: se_surgery.apply("resnet18"), ModelTypeError,
