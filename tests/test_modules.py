@@ -258,7 +258,7 @@ def test_seoptions_round_trips():
       r"gc, cbam")),
     ("defaults: {module: gc, squeeze: max}\nrules: [{select: {}}]\n",
      (r"rules.yaml:1: key 'defaults.squeeze': module 'gc' takes no option 'squeeze'; gc takes: ratio, divisor, "
-      r"min_hidden, fuse, gate, init \('squeeze' is an option of se: set module: se\)$")),
+      r"min_hidden, fuse, gate, act, ratio_of, init \('squeeze' is an option of se: set module: se\)$")),
 ])
 def test_option_errors_name_file_line_rule_key_and_what_the_module_takes(tmp_path, text, message):
     with pytest.raises(RuleError, match=message):
@@ -274,7 +274,7 @@ def test_a_key_is_allowed_when_a_module_the_rule_can_resolve_to_takes_it():
 def test_validate_options_messages():
     with pytest.raises(ModuleError, match=r"^module 'cbam' takes no option 'kernel_size' \(did you mean "
                                           r"'spatial_kernel_size'\?\); it takes: ratio, divisor, min_hidden, "
-                                          r"spatial_kernel_size, bias, gate, init$"):
+                                          r"spatial_kernel_size, bias, gate, act, ratio_of, init$"):
         modules.validate_options("cbam", {"kernel_size": 3})
     with pytest.raises(ModuleError, match=r"^module 'gc': fuse must be one of add, scale, got 'mul'$"):
         modules.validate_options("gc", {"fuse": "mul"})
@@ -480,5 +480,6 @@ def test_a_rule_option_that_reaches_no_module_is_warned_about():
         p = se_surgery.plan(TinyNet(), rules, input_size=16)
     assert [e.options.module_options() for e in p.selected] == [{"ratio": 16, "divisor": 1, "min_hidden": 1,
                                                                 "squeeze": "avg", "gate": "sigmoid",
-                                                                "init": "identity", "bias": True},
+                                                                "init": "identity", "bias": True, "act": "relu",
+                                                                "ratio_of": "site", "round_limit": 0.0},
                                                                {"kernel_size": 5}]
