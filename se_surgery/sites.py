@@ -328,8 +328,7 @@ def _fusion_point(view: GraphView, n: fx.Node):
     """((owner path, node), view) after the layer that consumes the concatenation, and its
     norm and activation (VoVNet's ``conv_concat``); the consumer may be in the caller's graph
     where the owner returns the concatenation. None where no conv layer reads it alone."""
-    out = next(x for x in reversed(view.mg.graph.nodes) if x.op == "output")
-    if out.args and out.args[0] is n and view.mg.caller is not None and view.mg.calls == 1:
+    if _returned(view) is n and view.mg.caller is not None and view.mg.calls == 1:
         graph, call = view.mg.caller
         caller = view.views.get(id(graph))
         if caller is None:
@@ -346,6 +345,15 @@ def _fusion_point(view: GraphView, n: fx.Node):
     if s is None or len(s) != 4:
         return None
     return (view.mg.path, point), view
+
+
+def _returned(view: GraphView) -> fx.Node | None:
+    """The one tensor the module's forward returns (a pytree-flattened ``[x]`` too)."""
+    out = next(x for x in reversed(view.mg.graph.nodes) if x.op == "output")
+    res = out.args[0] if out.args else None
+    if isinstance(res, (list, tuple)) and len(res) == 1:
+        res = res[0]
+    return res if isinstance(res, fx.Node) else None
 
 
 def _starts_with_conv(m: nn.Module) -> bool:
@@ -416,8 +424,7 @@ def _blocks(mg: ModelGraphs, views: dict[int, GraphView], found: list[dict]) -> 
 
 def _block_facts(view: GraphView) -> dict | None:
     phs = [p for p in view.mg.graph.nodes if p.op == "placeholder"]
-    out = next(x for x in reversed(view.mg.graph.nodes) if x.op == "output")
-    res = out.args[0] if out.args else None
+    res = _returned(view)
     if len(phs) != 1 or not isinstance(res, fx.Node) or len(shape(res) or ()) != 4 or len(shape(phs[0]) or ()) != 4:
         return None
     if view.channel_axis(res) != 1:
