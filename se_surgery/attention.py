@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .se import ACTS, CHANNEL_DIMS, GATES, INITS, RATIO_OF, check_choices, hidden_channels, make_act, \
-    reduced_channels
+from .se import ACTS, CHANNEL_DIMS, GATES, INITS, RATIO_OF, check_choices, hidden_channels, make_act, reduced_channels
 
 __all__ = ["CBAM", "ECA", "EffectiveSE", "GlobalContext", "eca_kernel_size"]
 

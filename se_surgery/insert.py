@@ -180,7 +180,7 @@ def rewrite(mg: ModuleGraph, owner: nn.Module, entries: list[PlannedSite], p: Pl
         if entry.options.variant == "inner":
             node = _inner_node(graph, owner, mg, entry.site, p)
         elif entry.options.variant == "fusion":
-            node = nodes[entry.site.fusion[1]]  # in the graph of fusion[0], this owner (see build_patches)
+            node = nodes[cast(tuple, entry.site.fusion)[1]]  # in fusion[0]'s graph, this owner (build_patches)
         else:
             node = nodes[entry.site.node]
         _insert(graph, owner, entry, node, name, se)
@@ -196,7 +196,7 @@ def build_patches(model: nn.Module, p: Plan) -> list[OwnerPatch]:
     for e in p.selected:
         # A concat's fusion point may lie in the caller's graph (VoVNet: the cat is returned
         # and the block's conv_concat reads it): SE then belongs to that module.
-        owner = e.site.fusion[0] if e.options.variant == "fusion" else e.site.owner
+        owner = cast(tuple, e.site.fusion)[0] if e.options.variant == "fusion" else e.site.owner
         by_owner.setdefault(owner, []).append(e)
     fallback = model_device_dtype(model)
     patches = []

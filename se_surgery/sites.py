@@ -406,9 +406,7 @@ def _blocks(mg: ModelGraphs, views: dict[int, GraphView], found: list[dict]) -> 
         if g.graph is not None and any(is_join(n) and len(shape(n) or ()) == 4 for n in g.graph.nodes):
             holders.update(_prefixes(g.path))
     owners = {f["graph"].path for f in found}
-    cands = {g.path: g for g in mg.graphs if g.path and g.graph is not None and not g.error
-             and not g.train_dependent and g.path not in holders and not any(_within(g.path, o) for o in owners)
-             and _dw_then_projection(g.module)}
+    cands = {g.path: g for g in mg.graphs if _block_candidate(g, holders, owners)}
     out = []
     for path, g in cands.items():
         above = [cands[p] for p in _prefixes(path)[1:-1] if p in cands]
@@ -420,6 +418,12 @@ def _blocks(mg: ModelGraphs, views: dict[int, GraphView], found: list[dict]) -> 
         if facts is not None:
             out.append(dict(facts, graph=g))
     return out
+
+
+def _block_candidate(g: ModuleGraph, holders: set[str], owners: set[str]) -> bool:
+    if not g.path or g.graph is None or g.error or g.train_dependent or g.path in holders:
+        return False
+    return not any(_within(g.path, o) for o in owners) and _dw_then_projection(g.module)
 
 
 def _block_facts(view: GraphView) -> dict | None:
@@ -499,10 +503,10 @@ def _stages(model: nn.Module, found: list[dict], canonical) -> tuple[list[int], 
             sub = model.get_submodule(scope) if scope else model
             order.update({(scope, p): i for i, (p, _) in enumerate(sub.named_modules())})
         keys = [_declared_stage(model, scopes, f["graph"].path, order) for f in found]
-        if all(k is not None for k in keys):
-            rank = {k: i + 1 for i, k in enumerate(sorted(set(keys)))}
-            if len(rank) >= len(by_stride):
-                return [rank[k] for k in keys], strides, f"declared ({source})"
+        held = [k for k in keys if k is not None]
+        rank = {k: i + 1 for i, k in enumerate(sorted(set(held)))}
+        if len(held) == len(keys) and len(rank) >= len(by_stride):
+            return [rank[k] for k in held], strides, f"declared ({source})"
     return [by_stride[s] for s in strides], strides, "by stride"
 
 
