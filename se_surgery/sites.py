@@ -43,10 +43,12 @@ class Site:
         name: the owner's dotted path (``layer3.2``); ``owner:2``, ``owner:3`` for an
             owner's second and later joins; the fx node name for joins in the root
             model's own forward.
-        kind: ``"residual"``, ``"branch_sum"`` or ``"concat"``.
+        kind: ``"residual"``, ``"branch_sum"``, ``"concat"`` or ``"block"`` (a depthwise
+            block without a join: MobileNet / EfficientNet blocks without a skip).
         owner: dotted path of the innermost module whose forward performs the join.
         owner_type: class name of that module.
-        stage: 1-based, by output stride (see :func:`find_sites`).
+        stage: 1-based: the model's declared stage where it declares them, else by output
+            stride (see :func:`find_sites`).
         block: 1-based position inside the stage.
         channels: channels of the join's output.
         spatial: (H, W) of the join for the example input.
@@ -61,6 +63,12 @@ class Site:
             call nodes to descend through, then the node), and the map's size there;
             None where the branch has no spatial convolution.
         layer_scale: the branch ends scaled by a learned per-channel factor (ConvNeXt).
+        fork: name of the node both residual paths leave from (a block's input for a
+            block site): the one definition discovery and insertion share.
+        fusion, fusion_channels, fusion_spatial: for a concat, (owner path, node) after
+            the layer that consumes the concatenation and its norm and activation
+            (VoVNet's ``conv_concat``), where the ``fusion`` variant puts SE; None where
+            no conv layer alone reads it.
     """
 
     name: str
@@ -631,10 +639,13 @@ def find_sites(model: nn.Module, input_size=None, *, tracer_kwargs=None) -> list
     Every module the model calls is traced with ``torch.fx`` on its own, as the model
     calls it, and shapes come from one forward on fake tensors through a copy of the
     model (no hook runs, no attribute or buffer of ``model`` changes, no weight is
-    copied). Returns residual, branch-sum and concat sites in model order.
+    copied). Returns residual, branch-sum, concat and block sites in model order.
 
-    Stages are numbered by output stride, measured at the model's own input size
-    (timm ``pretrained_cfg``) or 224, so they do not depend on ``input_size``.
+    Stages are the model's own where it declares them (timm ``feature_info`` module
+    paths, torchvision's ``layerN`` or ``features.N`` containers) and the declaration
+    holds every site; else they are numbered by output stride, measured at the model's
+    own input size (timm ``pretrained_cfg``) or 224. Either way they do not depend on
+    ``input_size``; :func:`discover`'s ``stage_source`` says which.
 
     Args:
         model: any ``nn.Module`` taking one image batch.
