@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import re
 from dataclasses import asdict, dataclass, field
 from typing import cast
@@ -20,6 +21,7 @@ from .nodes import (
     callable_name,
     cat_inputs,
     channel_slice_of,
+    is_activation_module,
     is_add,
     is_cat,
     is_channel_cat,
@@ -308,6 +310,8 @@ def _concat(view: GraphView, n: fx.Node) -> tuple[dict | None, str | None]:
         return None, "inner concatenation (its result only feeds an outer one)"
     if _reassembles(tensors):
         return None, "reassembles channel slices of one tensor (a partial residual, as in ReXNet)"
+    if _grouped_conv(view, tensors):
+        return None, "joins per-group convs of one tensor's channel split (one mixed or grouped conv layer, MixConv)"
     facts = {"kind": "concat", "channels": out[1], "spatial": tuple(out[2:4]), "channel_dim": 1,
              "in_channels": None, "in_spatial": None, "branch_arg": None, "axis": 1, "fork": ""}
     point = _fusion_point(view, n)
@@ -329,6 +333,22 @@ def _reassembles(tensors) -> bool:
         if src is None:
             return False
         sources.add(src)
+    return len(sources) == 1
+
+
+def _grouped_conv(view: GraphView, tensors) -> bool:
+    """Whether every input is one conv applied to a part of the same split (MixNet's
+    MixedConv2d, CoaT's per-head convolutions): a layer, not a join of branches."""
+    sources = set()
+    for t in tensors:
+        if not isinstance(t, fx.Node) or t.op != "call_module" or not isinstance(view.module(t), nn.Conv2d):
+            return False
+        ins = tensor_inputs(t)
+        part = ins[0] if len(ins) == 1 else None
+        if part is None or part.op != "call_function" or part.target is not operator.getitem \
+                or not isinstance(part.args[0], fx.Node) or not is_split(part.args[0]):
+            return False
+        sources.add(part.args[0])
     return len(sources) == 1
 
 
@@ -389,11 +409,21 @@ def _stride(size: tuple[int, int, int], n: fx.Node, axis: int) -> int:
 # ------------------------------------------------------------------ block sites
 
 
+def _grouped_spatial(c: nn.Module) -> bool:
+    return isinstance(c, nn.Conv2d) and c.groups > 1 and max(c.kernel_size) > 1
+
+
 def _dw_then_projection(m: nn.Module) -> bool:
-    """One depthwise (or grouped spatial) conv, followed by a 1x1 projection."""
-    convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
-    grouped = [i for i, c in enumerate(convs) if c.groups > 1 and max(c.kernel_size) > 1]
-    return len(grouped) == 1 and any(max(c.kernel_size) == 1 and c.groups == 1 for c in convs[grouped[0] + 1:])
+    """One depthwise (or grouped spatial) conv, an activation, then a 1x1 projection (a
+    separable conv *layer*, dw then pw with nothing between, is no block)."""
+    layers = list(m.modules())
+    grouped = [i for i, c in enumerate(layers) if _grouped_spatial(c)]
+    if len(grouped) != 1:
+        return False
+    after = layers[grouped[0] + 1:]
+    pw = next((i for i, c in enumerate(after) if isinstance(c, nn.Conv2d) and max(c.kernel_size) == 1
+               and c.groups == 1), None)
+    return pw is not None and any(is_activation_module(c) for c in after[:pw])
 
 
 def _container(m: nn.Module) -> bool:
@@ -418,7 +448,7 @@ def _blocks(mg: ModelGraphs, views: dict[int, GraphView], found: list[dict]) -> 
     out = []
     for path, g in cands.items():
         above = [cands[p] for p in _prefixes(path)[1:-1] if p in cands]
-        if any(not _container(a.module) for a in above):
+        if any(not _container(a.module) for a in above) or _in_wider_block(g, mg, holders):
             continue  # part of a bigger block
         if _container(g.module) and any(q != path and _within(q, path) for q in cands):
             continue  # a stage holding one block: the block is the site
@@ -426,6 +456,17 @@ def _blocks(mg: ModelGraphs, views: dict[int, GraphView], found: list[dict]) -> 
         if facts is not None:
             out.append(dict(facts, graph=g))
     return out
+
+
+def _in_wider_block(g: ModuleGraph, mg: ModelGraphs, holders: set[str]) -> bool:
+    """Whether a module above ``g`` (not the model, not a container) runs several depthwise
+    convs and no join: ``g`` is then one layer of a bigger block (Xception's exit flow)."""
+    for p in _prefixes(g.path)[1:-1]:
+        m = mg.model.get_submodule(p)
+        if not _container(m) and p not in holders \
+                and sum(_grouped_spatial(c) for c in m.modules()) > 1:
+            return True
+    return False
 
 
 def _block_candidate(g: ModuleGraph, holders: set[str], owners: set[str]) -> bool:
@@ -595,11 +636,21 @@ def _outer_sums(found: list[dict], rejected: list) -> list[dict]:
     outer = []
     for f in found:
         n = f["node"]
-        if f["kind"] == "branch_sum" and len(n.users) == 1 and next(iter(n.users)) in sums:
+        if f["kind"] == "branch_sum" and _next_use(n) in sums:
             rejected.append((f"{f['graph'].path or '<model>'}:{n.name}", "inner part of a sum of branches"))
             continue
         outer.append(f)
     return outer
+
+
+def _next_use(n: fx.Node) -> fx.Node | None:
+    """The one node that reads ``n``, past drop-path and identity calls of its shape."""
+    while len(n.users) == 1:
+        u = next(iter(n.users))
+        if u.op != "call_module" or shape(u) != shape(n) or tensor_inputs(u) != [n] or len(u.users) != 1:
+            return u
+        n = u
+    return None
 
 
 def _name_and_number(model: nn.Module, found: list[dict], canonical, views) -> tuple[list[Site], str]:
