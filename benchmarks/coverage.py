@@ -55,8 +55,9 @@ def resnet(m):
 
 
 def efficientnet_builder(m):  # timm's EfficientNet / MobileNetV3 / MnasNet / FBNet / LCNet / MixNet / TinyNet
-    return _skip_or_block(m, ("DepthwiseSeparableConv", "InvertedResidual", "EdgeResidual", "CondConvResidual"),
-                          "has_skip", ("DepthwiseSeparableConv", "InvertedResidual", "CondConvResidual"))
+    return _skip_or_block(m, ("ConvBnAct", "DepthwiseSeparableConv", "InvertedResidual", "EdgeResidual",
+                              "CondConvResidual"), "has_skip",
+                          ("DepthwiseSeparableConv", "InvertedResidual", "CondConvResidual"))
 
 
 def tv_mobile(m):  # torchvision MobileNetV2 / V3, EfficientNet (MBConv; FusedMBConv has no depthwise conv)

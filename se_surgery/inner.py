@@ -18,7 +18,7 @@ from ._compat import plain_codegen
 from .nodes import GraphView, is_activation_module
 from .trace import ModuleGraph
 
-__all__ = ["InnerPoint", "find_inner", "follows", "inline_path"]
+__all__ = ["InnerPoint", "find_inner", "follows", "inline_path", "mixed_conv"]
 
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d, nn.SyncBatchNorm)
 
@@ -30,6 +30,14 @@ class InnerPoint(tuple):
 
 def _spatial_conv(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1
+
+
+def mixed_conv(m: nn.Module) -> bool:
+    """A layer of several depthwise convs over channel groups (MixNet's MixedConv2d): one
+    depthwise conv for placement."""
+    kids = list(m.children())
+    return len(kids) > 1 and all(isinstance(c, nn.Conv2d) and max(c.kernel_size) > 1 and c.groups > 1
+                                 and c.groups == c.in_channels for c in kids)
 
 
 def _score(m: nn.Conv2d) -> tuple[int, int]:
@@ -49,6 +57,9 @@ def _candidates(view: GraphView, nodes, chain: tuple, views: dict, depth: int = 
             continue
         if _spatial_conv(m):
             yield _score(cast(nn.Conv2d, m)), chain, view, n
+            continue
+        if mixed_conv(m):
+            yield (1, sum(cast(nn.Conv2d, c).out_channels for c in m.children())), chain, view, n
             continue
         g = view.graphs.get(id(m))
         sub = views.get(id(g)) if g is not None else None

@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ModelTypeError, TraceError
-from .inner import find_inner, follows
+from .inner import find_inner, follows, mixed_conv
 from .nodes import (
     ATTENTION_CLASSES,
     GraphView,
@@ -416,8 +416,9 @@ def _grouped_spatial(c: nn.Module) -> bool:
 def _dw_then_projection(m: nn.Module) -> bool:
     """One depthwise (or grouped spatial) conv, an activation, then a 1x1 projection (a
     separable conv *layer*, dw then pw with nothing between, is no block)."""
-    layers = list(m.modules())
-    grouped = [i for i, c in enumerate(layers) if _grouped_spatial(c)]
+    inside = {id(c) for x in m.modules() if mixed_conv(x) for c in x.children()}
+    layers = [c for c in m.modules() if id(c) not in inside]
+    grouped = [i for i, c in enumerate(layers) if _grouped_spatial(c) or mixed_conv(c)]
     if len(grouped) != 1:
         return False
     after = layers[grouped[0] + 1:]
@@ -439,11 +440,12 @@ def _blocks(mg: ModelGraphs, views: dict[int, GraphView], found: list[dict]) -> 
     """Block sites: modules the model calls that hold a depthwise conv and a projection but
     no join, outside every module that owns a site (MobileNet / EfficientNet blocks
     without a skip). The outermost such module that is not a plain container is the block."""
-    holders: set[str] = set()  # modules with a join anywhere inside
-    for g in mg.graphs:
-        if g.graph is not None and any(is_join(n) and len(shape(n) or ()) == 4 for n in g.graph.nodes):
-            holders.update(_prefixes(g.path))
     owners = {f["graph"].path for f in found}
+    holders: set[str] = set()  # modules with a join anywhere inside (a MixConv layer's cat is none)
+    for g in mg.graphs:
+        if g.path in owners or (g.graph is not None and any(is_add(n) and len(shape(n) or ()) == 4
+                                                            for n in g.graph.nodes)):
+            holders.update(_prefixes(g.path))
     cands = {g.path: g for g in mg.graphs if _block_candidate(g, holders, owners)}
     out = []
     for path, g in cands.items():
