@@ -422,9 +422,9 @@ def _dw_then_projection(m: nn.Module) -> bool:
     if len(grouped) != 1:
         return False
     after = layers[grouped[0] + 1:]
-    pw = next((i for i, c in enumerate(after) if isinstance(c, nn.Conv2d) and max(c.kernel_size) == 1
-               and c.groups == 1), None)
-    return pw is not None and any(is_activation_module(c) for c in after[:pw])
+    # The projection: the last pointwise conv (an SE's own 1x1 convs come before it).
+    pw = [i for i, c in enumerate(after) if isinstance(c, nn.Conv2d) and max(c.kernel_size) == 1 and c.groups == 1]
+    return bool(pw) and any(is_activation_module(c) for c in after[:pw[-1]])
 
 
 def _container(m: nn.Module) -> bool:
