@@ -589,25 +589,26 @@ def _from_data(data, source: str, lines: dict) -> Rules:
         chk.fail(("defaults", "variant"), f"variant must be one of {', '.join(VARIANTS)}, "
                                           f"got {defaults_raw['variant']!r}")
     defaults = SEOptions(**{k: v for k, v in defaults_raw.items() if k in _FIELDS}, extra=written)
-    rules = []
-    for i, r in enumerate(raw_rules):
-        path = ("rules", i)
-        if not isinstance(r, dict):
-            chk.fail(path, f"each rule must be a mapping with 'select:', got {type(r).__name__}")
-        own_module = rule_modules[i]
-        candidates = (own_module,) if own_module else every
-        chk.options(path, r, candidates, "rule", ("select", "skip") + fixed)
-        select = chk.selector(path + ("select",), r.get("select"))
-        skip = r.get("skip", False)
-        if not isinstance(skip, bool):
-            chk.fail(path + ("skip",), f"skip must be true or false, got {skip!r}")
-        if "variant" in r and r["variant"] not in VARIANTS:
-            chk.fail(path + ("variant",), f"variant must be one of {', '.join(VARIANTS)}, got {r['variant']!r}")
-        options = {k: v for k, v in r.items() if k not in ("select", "skip")}
-        if skip and options:
-            chk.fail(path + (next(iter(options)),), "a rule with skip: true takes no SE options")
-        rules.append(Rule(select, options, skip))
+    rules = [_rule(chk, i, r, (rule_modules[i],) if rule_modules[i] else every) for i, r in enumerate(raw_rules)]
     return Rules(defaults, tuple(rules), source, lines)
+
+
+def _rule(chk: _Checker, i: int, r, candidates: tuple[str, ...]) -> Rule:
+    """Rule ``i`` checked; ``candidates``: the modules it can resolve to."""
+    path = ("rules", i)
+    if not isinstance(r, dict):
+        chk.fail(path, f"each rule must be a mapping with 'select:', got {type(r).__name__}")
+    chk.options(path, r, candidates, "rule", ("select", "skip", "variant", "module"))
+    select = chk.selector(path + ("select",), r.get("select"))
+    skip = r.get("skip", False)
+    if not isinstance(skip, bool):
+        chk.fail(path + ("skip",), f"skip must be true or false, got {skip!r}")
+    if "variant" in r and r["variant"] not in VARIANTS:
+        chk.fail(path + ("variant",), f"variant must be one of {', '.join(VARIANTS)}, got {r['variant']!r}")
+    options = {k: v for k, v in r.items() if k not in ("select", "skip")}
+    if skip and options:
+        chk.fail(path + (next(iter(options)),), "a rule with skip: true takes no SE options")
+    return Rule(select, options, skip)
 
 
 def load_rules(source=None) -> Rules:
