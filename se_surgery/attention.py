@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .se import CHANNEL_DIMS, GATES, INITS, check_choices, hidden_channels
+from .se import ACTS, CHANNEL_DIMS, GATES, INITS, RATIO_OF, check_choices, hidden_channels, make_act, reduced_channels
 
 __all__ = ["CBAM", "ECA", "EffectiveSE", "GlobalContext", "eca_kernel_size"]
 
@@ -164,11 +164,11 @@ class ECA(nn.Module):
 class _ConvMlp(nn.Module):
     """timm's ``ConvMlp`` with ``LayerNorm2d`` (same parameter names), run on (N, C) vectors."""
 
-    def __init__(self, channels: int, hidden: int, **kw) -> None:
+    def __init__(self, channels: int, hidden: int, act: str = "relu", **kw) -> None:
         super().__init__()
         self.fc1 = nn.Conv2d(channels, hidden, 1, **kw)
         self.norm = nn.LayerNorm(hidden, eps=1e-6, **kw)
-        self.act = nn.ReLU(inplace=True)
+        self.act = make_act(act)
         self.fc2 = nn.Conv2d(hidden, channels, 1, **kw)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
@@ -192,18 +192,20 @@ class GlobalContext(nn.Module):
     """
 
     def __init__(self, channels: int, *, ratio: float = 8, divisor: int = 1, min_hidden: int = 1, fuse: str = "add",
-                 gate: str = "sigmoid", init: str = "identity", channel_dim: int = 1, device=None, dtype=None) -> None:
+                 gate: str = "sigmoid", act: str = "relu", ratio_of: str = "site", init: str = "identity",
+                 channel_dim: int = 1, block_channels: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
         _check_common(gate, init, channel_dim)
+        check_choices(act=(act, ACTS), ratio_of=(ratio_of, RATIO_OF))
         if fuse not in ("add", "scale"):
             raise ValueError(f"fuse must be one of ('add', 'scale'), got {fuse!r}")
         kw = {"device": device, "dtype": dtype}
         self.channels, self.fuse, self.gate_fn, self.init = int(channels), fuse, gate, init
-        self.hidden = hidden_channels(channels, ratio, divisor, min_hidden)
+        self.hidden = hidden_channels(reduced_channels(channels, ratio_of, block_channels), ratio, divisor, min_hidden)
         self.channel_dim = channel_dim
         self.gate_scale = 2.0 if init == "identity" and fuse == "scale" else 1.0
         self.conv_attn = nn.Conv2d(self.channels, 1, 1, **kw)
-        mlp = _ConvMlp(self.channels, self.hidden, **kw)
+        mlp = _ConvMlp(self.channels, self.hidden, act, **kw)
         # timm's names, so timm checkpoints map key for key.
         if fuse == "add":
             self.mlp_add = mlp
@@ -273,20 +275,22 @@ class CBAM(nn.Module):
     """
 
     def __init__(self, channels: int, *, ratio: float = 16, divisor: int = 1, min_hidden: int = 1,
-                 spatial_kernel_size: int = 7, bias: bool = False, gate: str = "sigmoid", init: str = "identity",
-                 channel_dim: int = 1, device=None, dtype=None) -> None:
+                 spatial_kernel_size: int = 7, bias: bool = False, gate: str = "sigmoid", act: str = "relu",
+                 ratio_of: str = "site", init: str = "identity", channel_dim: int = 1,
+                 block_channels: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
         _check_common(gate, init, channel_dim)
+        check_choices(act=(act, ACTS), ratio_of=(ratio_of, RATIO_OF))
         k = int(spatial_kernel_size)
         if k < 1 or k % 2 == 0:
             raise ValueError(f"spatial_kernel_size must be an odd integer >= 1, got {spatial_kernel_size!r}")
         kw = {"device": device, "dtype": dtype}
         self.channels, self.gate_fn, self.init, self.channel_dim = int(channels), gate, init, channel_dim
-        self.hidden = hidden_channels(channels, ratio, divisor, min_hidden)
+        self.hidden = hidden_channels(reduced_channels(channels, ratio_of, block_channels), ratio, divisor, min_hidden)
         self.spatial_kernel_size = k
         self.gate_scale = 2.0 if init == "identity" else 1.0
         self.fc1 = nn.Conv2d(self.channels, self.hidden, 1, bias=bias, **kw)
-        self.act = nn.ReLU(inplace=True)
+        self.act = make_act(act)
         self.fc2 = nn.Conv2d(self.hidden, self.channels, 1, bias=bias, **kw)
         self.spatial_conv = nn.Conv2d(2, 1, k, padding=k // 2, bias=False, **kw)
         self.spatial_bn = nn.BatchNorm2d(1, **kw)

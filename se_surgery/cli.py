@@ -157,7 +157,7 @@ def _cmd_sites(args) -> int:
     model = _model(args)
     d = discover(model, args.input_size)
     if args.format == "json":
-        print(json.dumps({"model": args.model, "input_size": list(d.input_size),
+        print(json.dumps({"model": args.model, "input_size": list(d.input_size), "stages": d.stage_source,
                           "sites": [s.to_dict() for s in d.sites],
                           "untraced": [{"module": p, "reason": r} for p, r in d.untraced],
                           "not_sites": [{"join": j, "reason": r} for j, r in d.rejected]}, indent=2))
@@ -167,10 +167,11 @@ def _cmd_sites(args) -> int:
             for s in d.sites]
     print(f"{args.model} at {'x'.join(map(str, d.input_size))}: {len(d.sites)} sites")
     if rows:
+        print(f"stages: {d.stage_source}")
         print(tabulate(rows, headers=["site", "kind", "stage", "block", "channels", "spatial", "layout",
                                       "has attention", "owner type"], disable_numparse=True))
     else:
-        print("no residual or concat joins: SE has nowhere to go in this model")
+        print("no residual, concat or block sites: SE has nowhere to go in this model")
     for p, r in d.untraced:
         print(f"not traced: {p}: {r}")
     if args.verbose:

@@ -18,7 +18,7 @@ from ._compat import plain_codegen
 from .nodes import GraphView, is_activation_module
 from .trace import ModuleGraph
 
-__all__ = ["InnerPoint", "find_inner", "inline_path"]
+__all__ = ["InnerPoint", "find_inner", "follows", "inline_path", "mixed_conv"]
 
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d, nn.SyncBatchNorm)
 
@@ -30,6 +30,14 @@ class InnerPoint(tuple):
 
 def _spatial_conv(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1
+
+
+def mixed_conv(m: nn.Module) -> bool:
+    """A layer of several depthwise convs over channel groups (MixNet's MixedConv2d): one
+    depthwise conv for placement."""
+    kids = list(m.children())
+    return len(kids) > 1 and all(isinstance(c, nn.Conv2d) and max(c.kernel_size) > 1 and c.groups > 1
+                                 and c.groups == c.in_channels for c in kids)
 
 
 def _score(m: nn.Conv2d) -> tuple[int, int]:
@@ -50,6 +58,9 @@ def _candidates(view: GraphView, nodes, chain: tuple, views: dict, depth: int = 
         if _spatial_conv(m):
             yield _score(cast(nn.Conv2d, m)), chain, view, n
             continue
+        if mixed_conv(m):
+            yield (1, sum(cast(nn.Conv2d, c).out_channels for c in m.children())), chain, view, n
+            continue
         g = view.graphs.get(id(m))
         sub = views.get(id(g)) if g is not None else None
         # Only graphs that inline cleanly: traced, plain inputs, no stored constants.
@@ -59,7 +70,7 @@ def _candidates(view: GraphView, nodes, chain: tuple, views: dict, depth: int = 
                                    chain + ((n, view),), views, depth + 1)
 
 
-def _follows(view: GraphView, n: fx.Node) -> fx.Node:
+def follows(view: GraphView, n: fx.Node) -> fx.Node:
     """Step past the norm and activation that read the conv's output alone."""
     while len(n.users) == 1:
         u = next(iter(n.users))
@@ -82,7 +93,7 @@ def find_inner(view: GraphView, fork: fx.Node, branch: fx.Node, views: dict) -> 
     if best is None:
         return None
     _, chain, v, n = best
-    n = _follows(v, n)
+    n = follows(v, n)
     chain = list(chain)
     # Hoist while the point is what a descended-into module returns: then it lies right
     # after that module's call one level up, and fewer modules need inlining.
@@ -91,7 +102,7 @@ def find_inner(view: GraphView, fork: fx.Node, branch: fx.Node, views: dict) -> 
         if out.args[0] is not n:
             break
         call, v = chain.pop()
-        n = _follows(v, call)
+        n = follows(v, call)
     s = n.meta.get("shape")
     if s is None or len(s) != 4:
         return None

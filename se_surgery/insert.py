@@ -78,7 +78,7 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
             new = graph.call_module(se_name, (node,))
         node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
         return
-    if site.kind != "residual" or variant == "post":
+    if site.kind != "residual" or variant in ("post", "fusion"):  # fusion: ``node`` is the point after the layer
         target = node
         users = list(node.users)
         if variant == "post" and len(users) == 1 and _is_activation(users[0], owner):
@@ -87,6 +87,12 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
             new = graph.call_module(se_name, (target,))
         target.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
         return
+    _insert_residual(graph, owner, entry, node, se_name, se)
+
+
+def _insert_residual(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node, se_name: str,
+                     se: nn.Module) -> None:
+    site, variant = entry.site, entry.options.variant
     ops = add_operands(node)
     b = cast(int, site.branch_arg)  # set on every add site
     branch, skip = ops[b], ops[1 - b]
@@ -115,9 +121,9 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
             new = graph.call_module(se_name, (skip,))
         node.replace_input_with(skip, new)
     elif variant == "pre":
+        # The fork discovery found (one definition of a join's fork, in nodes.GraphView.fork).
+        fork = next(n for n in graph.nodes if n.name == site.fork)
         anc_b, anc_s = ancestors(branch) | {branch}, ancestors(skip) | {skip}
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        fork = max((c for c in anc_b & anc_s if c.op != "get_attr"), key=order.__getitem__)
         users = [u for u in fork.users if u in anc_b and u not in anc_s and u is not node]
         with graph.inserting_after(fork):
             new = graph.call_module(se_name, (fork,))
@@ -139,7 +145,7 @@ def _se_name(owner: nn.Module, k: int, taken: set[str]) -> str:
 def _make_module(entry: PlannedSite, device, dtype) -> nn.Module:
     o = entry.options
     return modules.create(o.module, entry.se_channels, o.module_options(), channel_dim=entry.site.channel_dim,
-                          device=device, dtype=dtype)
+                          device=device, dtype=dtype, block_channels=entry.site.in_channels)
 
 
 def _inner_node(graph: fx.Graph, owner: nn.Module, mg: ModuleGraph, site, p: Plan) -> fx.Node:
@@ -174,6 +180,8 @@ def rewrite(mg: ModuleGraph, owner: nn.Module, entries: list[PlannedSite], p: Pl
         added[name] = se
         if entry.options.variant == "inner":
             node = _inner_node(graph, owner, mg, entry.site, p)
+        elif entry.options.variant == "fusion":
+            node = nodes[cast(tuple, entry.site.fusion)[1]]  # in fusion[0]'s graph, this owner (build_patches)
         else:
             node = nodes[entry.site.node]
         _insert(graph, owner, entry, node, name, se)
@@ -189,7 +197,10 @@ def build_patches(model: nn.Module, p: Plan) -> list[OwnerPatch]:
     """Every owner's patch for ``model``, built without changing it."""
     by_owner: dict[str, list[PlannedSite]] = {}
     for e in p.selected:
-        by_owner.setdefault(e.site.owner, []).append(e)
+        # A concat's fusion point may lie in the caller's graph (VoVNet: the cat is returned
+        # and the block's conv_concat reads it): SE then belongs to that module.
+        owner = cast(tuple, e.site.fusion)[0] if e.options.variant == "fusion" else e.site.owner
+        by_owner.setdefault(owner, []).append(e)
     fallback = model_device_dtype(model)
     patches = []
     for owner, entries in by_owner.items():

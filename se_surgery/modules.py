@@ -7,11 +7,15 @@ and the module's options as keywords. Built in:
 name    module                                                 options (defaults)
 ======  =====================================================  ====================================
 se      :class:`~se_surgery.se.SqueezeExcite` (Hu et al.)      ratio 16, divisor 1, min_hidden 1,
-                                                               squeeze avg, gate sigmoid, init, bias
+                                                               round_limit 0, squeeze avg, gate
+                                                               sigmoid, act relu, ratio_of site,
+                                                               init, bias
 ese     :class:`~se_surgery.attention.EffectiveSE`             add_maxpool false, gate hard_sigmoid
 eca     :class:`~se_surgery.attention.ECA`                     kernel_size (from C), gamma 2, beta 1
-gc      :class:`~se_surgery.attention.GlobalContext`           ratio 8, divisor, min_hidden, fuse add
-cbam    :class:`~se_surgery.attention.CBAM`                    ratio 16, spatial_kernel_size 7, bias
+gc      :class:`~se_surgery.attention.GlobalContext`           ratio 8, divisor, min_hidden, fuse add,
+                                                               act relu, ratio_of site
+cbam    :class:`~se_surgery.attention.CBAM`                    ratio 16, spatial_kernel_size 7, bias,
+                                                               act relu, ratio_of site
 ======  =====================================================  ====================================
 
 Every built-in also takes ``init`` (``identity``: exactly its input at insertion, or
@@ -68,7 +72,7 @@ import torch
 from torch import nn
 
 from .errors import ModuleError, SESurgeryWarning
-from .se import GATES, INITS, SQUEEZES, SqueezeExcite, hidden_channels
+from .se import ACTS, GATES, INITS, RATIO_OF, SQUEEZES, SqueezeExcite, hidden_channels, reduced_channels
 
 __all__ = ["ENTRY_POINT_GROUP", "ChannelAttention", "count_macs", "count_params", "create", "excitation",
            "is_identity", "module_names", "option_defaults", "option_names", "register_module", "supports_skip",
@@ -77,7 +81,7 @@ __all__ = ["ENTRY_POINT_GROUP", "ChannelAttention", "count_macs", "count_params"
 ENTRY_POINT_GROUP = "se_surgery.modules"
 BUILTIN_NAMES = ("se", "ese", "eca", "gc", "cbam")
 # Passed by se-surgery itself, never by a rule.
-_CORE_ARGS = ("channels", "channel_dim", "device", "dtype")
+_CORE_ARGS = ("channels", "channel_dim", "device", "dtype", "block_channels")
 # Rule keys that mean something else; an option of that name could never be set.
 _RULE_WORDS = ("select", "skip", "variant", "module")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*\Z")
@@ -136,6 +140,9 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "gamma": _within(_is_number, *GAMMA_RANGE, "a number"),
     "beta": _within(_is_number, *BETA_RANGE, "a number"),
     "fuse": _choice(("add", "scale")),
+    "act": _choice(ACTS),
+    "ratio_of": _choice(RATIO_OF),
+    "round_limit": _within(_is_number, 0, 1, "a number"),
 }
 
 
@@ -200,17 +207,18 @@ def _spec(name: str, factory: Callable, builtin: bool = False, **counts) -> _Spe
 
 
 def _se_params(c, o):
-    h = hidden_channels(c, o["ratio"], o["divisor"], o["min_hidden"])
+    h = _hidden(c, o)
     return 2 * c * h + ((h + c) if o["bias"] else 0)
 
 
 def _se_macs(c, sp, o):
     e = c * sp[0] * sp[1]
-    return 2 * c * hidden_channels(c, o["ratio"], o["divisor"], o["min_hidden"]), e * (o["squeeze"] == "avgmax") + 2 * e
+    return 2 * c * _hidden(c, o), e * (o["squeeze"] == "avgmax") + 2 * e
 
 
 def _hidden(c, o):
-    return hidden_channels(c, o["ratio"], o["divisor"], o["min_hidden"])
+    base = reduced_channels(c, o.get("ratio_of", "site"), o.get("block_channels"))
+    return hidden_channels(base, o["ratio"], o["divisor"], o["min_hidden"], o.get("round_limit", 0.0))
 
 
 def _eca_k(c, o):
@@ -432,7 +440,7 @@ def resolve_options(module_name: str, options: dict) -> dict:
 
 
 def create(module_name: str, channels: int, options: dict, *, channel_dim: int = 1, device=None,
-           dtype=None) -> nn.Module:
+           dtype=None, block_channels: int | None = None) -> nn.Module:
     """Build ``module_name`` for a map of ``channels`` channels with ``options``.
 
     Example:
@@ -449,8 +457,8 @@ def create(module_name: str, channels: int, options: dict, *, channel_dim: int =
     elif channel_dim != 1:
         raise ModuleError(f"module {module_name!r} cannot go at a channels-last (N, H, W, C) site: its factory "
                           f"{spec.origin} takes no channel_dim")
-    for key, value in (("device", device), ("dtype", dtype)):
-        if key in spec.takes:
+    for key, value in (("device", device), ("dtype", dtype), ("block_channels", block_channels)):
+        if key in spec.takes and (key != "block_channels" or value is not None):
             opts[key] = value
     try:
         module = spec.factory(int(channels), **opts)
@@ -480,13 +488,18 @@ def supports_skip(module: nn.Module) -> bool:
         return False
 
 
-def hidden(module_name: str, channels: int, options: dict) -> int | None:
+def hidden(module_name: str, channels: int, options: dict, block_channels: int | None = None) -> int | None:
     """Bottleneck width of ``se``, ``gc`` and ``cbam``; None for modules without one."""
     spec = _registry().get(module_name)
-    return spec.hidden(channels, resolve_options(module_name, options)) if spec.hidden else None
+    return spec.hidden(channels, _resolved(module_name, options, block_channels)) if spec.hidden else None
 
 
-def count_params(module_name: str, channels: int, options: dict) -> int:
+def _resolved(module_name: str, options: dict, block_channels: int | None) -> dict:
+    # The block's input channels ride along for ratio_of: block_input (not a rule option).
+    return dict(resolve_options(module_name, validate_options(module_name, options)), block_channels=block_channels)
+
+
+def count_params(module_name: str, channels: int, options: dict, block_channels: int | None = None) -> int:
     """Parameters one module adds at a map of ``channels`` channels.
 
     Built-ins: ``se`` ``2*C*hidden (+ hidden + C with bias)``; ``ese`` ``C*C + C``; ``eca``
@@ -500,17 +513,19 @@ def count_params(module_name: str, channels: int, options: dict) -> int:
     """
     spec = _registry().get(module_name)
     if spec.params is not None:  # a built-in (a registration under its name has no formulas)
-        return int(spec.params(channels, resolve_options(module_name, validate_options(module_name, options))))
-    module = create(module_name, channels, options, device="meta")
+        return int(spec.params(channels, _resolved(module_name, options, block_channels)))
+    module = create(module_name, channels, options, device="meta", block_channels=block_channels)
     return sum(p.numel() for p in module.parameters())
 
 
-def weight_macs(module_name: str, channels: int, spatial: tuple[int, int], options: dict) -> int:
+def weight_macs(module_name: str, channels: int, spatial: tuple[int, int], options: dict,
+                block_channels: int | None = None) -> int:
     """The FC/conv/matmul part of :func:`count_macs`: what ``torch.utils.flop_counter`` sees (halved)."""
-    return _macs(module_name, channels, spatial, options)[0]
+    return _macs(module_name, channels, spatial, options, block_channels)[0]
 
 
-def count_macs(module_name: str, channels: int, spatial: tuple[int, int], options: dict) -> int:
+def count_macs(module_name: str, channels: int, spatial: tuple[int, int], options: dict,
+               block_channels: int | None = None) -> int:
     """MACs of one module at a ``channels x H x W`` map (formulas in this module's docstring).
 
     Example:
@@ -519,20 +534,21 @@ def count_macs(module_name: str, channels: int, spatial: tuple[int, int], option
         >>> count_macs("eca", 256, (56, 56), {})  # conv 5 * 256 + squeeze + scale
         1606912
     """
-    return sum(_macs(module_name, channels, spatial, options))
+    return sum(_macs(module_name, channels, spatial, options, block_channels))
 
 
-def _macs(module_name: str, channels: int, spatial, options: dict) -> tuple[int, int]:
+def _macs(module_name: str, channels: int, spatial, options: dict, block_channels: int | None = None
+          ) -> tuple[int, int]:
     spec = _registry().get(module_name)
     h, w = int(spatial[0]), int(spatial[1])
     if spec.macs is not None:
-        weight, ops = spec.macs(channels, (h, w), resolve_options(module_name, validate_options(module_name, options)))
+        weight, ops = spec.macs(channels, (h, w), _resolved(module_name, options, block_channels))
         return int(weight), int(ops)
     import torch
 
     from ._compat import flop_counter  # no global module hooks while it counts
 
-    module = create(module_name, channels, options, device="meta")
+    module = create(module_name, channels, options, device="meta", block_channels=block_channels)
     with flop_counter() as counter, torch.no_grad():
         module(torch.empty(1, channels, h, w, device="meta"))
     return int(counter.get_total_flops()) // 2, channels * h * w

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # trace.py reads joins through this module; the import runs o
     from .trace import ModuleGraph
 
 __all__ = ["is_add", "is_cat", "is_join", "add_operands", "shape", "tensor_inputs", "ancestors", "GraphView",
+           "channel_slice_of",
            "ATTENTION_CLASSES"]
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -119,6 +120,20 @@ def ancestors(n: fx.Node) -> set[fx.Node]:
 
 def callable_name(n: fx.Node) -> str:
     return cast(str, n.target) if n.op == "call_method" else getattr(n.target, "__name__", "")
+
+
+def channel_slice_of(n) -> fx.Node | None:
+    """The tensor ``n`` is a channel slice of (``x[:, a:b]``, ``x[:, :c, :, :]``), or None."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or n.target is not operator.getitem:
+        return None
+    src, index = n.args[0], n.args[1]
+    if not isinstance(src, fx.Node) or len(shape(src) or ()) != 4 or not isinstance(index, tuple) or len(index) < 2:
+        return None
+    full = slice(None, None, None)
+    if index[0] != full or not isinstance(index[1], slice) or index[1].step not in (None, 1) \
+            or any(i != full for i in index[2:]):
+        return None
+    return src
 
 
 def is_split(n: fx.Node) -> bool:
@@ -284,37 +299,46 @@ class GraphView:
                 return self._follow_same_shape(n, depth)  # activations, dropout, identity
             return self._module_output_axis(m, depth) if m is not None else None
         if n.op == "placeholder":
-            axis = self.consumer_axis(n, depth)
-            if axis is None and self.mg.caller is not None and depth < 48:
-                # What the caller passed in: the producer one level up knows the axis.
-                graph, call = self.mg.caller
-                view = self.views.get(id(graph))
-                index = [p for p in self.mg.graph.nodes if p.op == "placeholder"].index(n)
-                arg = call.args[index] if index < len(call.args) else None
-                if view is not None and isinstance(arg, fx.Node):
-                    axis = view.channel_axis(arg, depth + 1)
-            return axis
+            return self._placeholder_axis(n, depth)
         if n.op in ("call_function", "call_method"):
             name = callable_name(n)
             if name == "permute":
-                dims: Any = n.args[1:] if n.op == "call_method" else n.args[1]
-                if n.op == "call_method" and len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-                    dims = dims[0]
-                dims = n.kwargs.get("dims", dims)
-                src = n.args[0]
-                axis = self.channel_axis(src, depth + 1) if isinstance(src, fx.Node) else None
-                if axis is None or not all(isinstance(d, int) for d in dims):
-                    return None
-                dims = [d % 4 for d in dims]
-                return dims.index(axis) if axis in dims else None
+                return self._permuted_axis(n, depth)
             if name == "transpose":
-                src, a, b = n.args[0], cast(int, n.args[1]) % 4, cast(int, n.args[2]) % 4
-                axis = self.channel_axis(src, depth + 1) if isinstance(src, fx.Node) else None
-                if axis is None:
-                    return None
-                return b if axis == a else a if axis == b else axis
+                return self._transposed_axis(n, depth)
             return self._follow_same_shape(n, depth)
         return None
+
+    def _placeholder_axis(self, n: fx.Node, depth: int) -> int | None:
+        axis = self.consumer_axis(n, depth)
+        if axis is None and self.mg.caller is not None and depth < 48:
+            # What the caller passed in: the producer one level up knows the axis.
+            graph, call = self.mg.caller
+            view = self.views.get(id(graph))
+            index = [p for p in self.mg.graph.nodes if p.op == "placeholder"].index(n)
+            arg = call.args[index] if index < len(call.args) else None
+            if view is not None and isinstance(arg, fx.Node):
+                axis = view.channel_axis(arg, depth + 1)
+        return axis
+
+    def _permuted_axis(self, n: fx.Node, depth: int) -> int | None:
+        dims: Any = n.args[1:] if n.op == "call_method" else n.args[1]
+        if n.op == "call_method" and len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        dims = n.kwargs.get("dims", dims)
+        src = n.args[0]
+        axis = self.channel_axis(src, depth + 1) if isinstance(src, fx.Node) else None
+        if axis is None or not all(isinstance(d, int) for d in dims):
+            return None
+        dims = [d % 4 for d in dims]
+        return dims.index(axis) if axis in dims else None
+
+    def _transposed_axis(self, n: fx.Node, depth: int) -> int | None:
+        src, a, b = n.args[0], cast(int, n.args[1]) % 4, cast(int, n.args[2]) % 4
+        axis = self.channel_axis(src, depth + 1) if isinstance(src, fx.Node) else None
+        if axis is None:
+            return None
+        return b if axis == a else a if axis == b else axis
 
     def layer_axis(self, n: fx.Node) -> int | None:
         """The channel axis a layer itself works on: 1 for convs and BN-like norms, 3 for
@@ -390,21 +414,32 @@ class GraphView:
         for operand in tensor_inputs(n):
             if operand.op in ("call_method", "call_function") and callable_name(operand) in _EXPAND_NAMES:
                 operand = operand.args[0] if operand.args and isinstance(operand.args[0], fx.Node) else operand
-            frontier, seen = [(operand, False)], set()
-            for _ in range(12):
-                nxt: list[tuple[fx.Node, bool]] = []
-                for a, saw_gate in frontier:
-                    if not small(a) or (a, saw_gate) in seen:
-                        continue
-                    seen.add((a, saw_gate))
-                    m = self.module(a) if a.op == "call_module" else None
-                    if (a.op == "call_function" and a.target in _GATE_FUNCTIONS) or isinstance(m, _GATE_MODULES) or (
-                            a.op == "call_method" and a.target in ("sigmoid", "sigmoid_")):
-                        saw_gate = True
-                    pooled = (a.op == "call_function" and a.target in _POOL_FUNCTIONS) or isinstance(
-                        m, _POOL_MODULES) or (a.op == "call_method" and a.target in ("mean", "amax"))
-                    if saw_gate and pooled and sum(d > 1 for d in cast(tuple, shape(a))[1:]) <= 1:
-                        return True
-                    nxt.extend((b, saw_gate) for b in tensor_inputs(a))
-                frontier = nxt
+            if self._pooled_gate(operand, small):
+                return True
         return False
+
+    def _pooled_gate(self, operand: fx.Node, small) -> bool:
+        """Walking back from ``operand`` through ``small`` tensors: a gate, then a pool."""
+        frontier, seen = [(operand, False)], set()
+        for _ in range(12):
+            nxt: list[tuple[fx.Node, bool]] = []
+            for a, saw_gate in frontier:
+                if not small(a) or (a, saw_gate) in seen:
+                    continue
+                seen.add((a, saw_gate))
+                saw_gate = saw_gate or self._is_gate(a)
+                if saw_gate and self._is_pool(a) and sum(d > 1 for d in cast(tuple, shape(a))[1:]) <= 1:
+                    return True
+                nxt.extend((b, saw_gate) for b in tensor_inputs(a))
+            frontier = nxt
+        return False
+
+    def _is_gate(self, a: fx.Node) -> bool:
+        m = self.module(a) if a.op == "call_module" else None
+        return (a.op == "call_function" and a.target in _GATE_FUNCTIONS) or isinstance(m, _GATE_MODULES) or (
+            a.op == "call_method" and a.target in ("sigmoid", "sigmoid_"))
+
+    def _is_pool(self, a: fx.Node) -> bool:
+        m = self.module(a) if a.op == "call_module" else None
+        return (a.op == "call_function" and a.target in _POOL_FUNCTIONS) or isinstance(m, _POOL_MODULES) or (
+            a.op == "call_method" and a.target in ("mean", "amax"))

@@ -87,6 +87,8 @@ class PlannedSite:
             return cast(int, self.site.in_channels)  # plan() refuses the variant where the site lacks it
         if variant == "inner":
             return cast(int, self.site.inner_channels)  # plan() refuses the variant where the site lacks it
+        if variant == "fusion":
+            return cast(int, self.site.fusion_channels)  # plan() refuses the variant where the site lacks it
         return self.site.channels
 
     @property
@@ -96,13 +98,16 @@ class PlannedSite:
             return cast(tuple[int, int], self.site.in_spatial)
         if variant == "inner":
             return cast(tuple[int, int], self.site.inner_spatial)
+        if variant == "fusion":
+            return cast(tuple[int, int], self.site.fusion_spatial)
         return self.site.spatial
 
     @property
     def hidden(self) -> int | None:
         if self.options is None:
             return None
-        return modules.hidden(self.options.module, self.se_channels, self.options.module_options())
+        return modules.hidden(self.options.module, self.se_channels, self.options.module_options(),
+                              self.site.in_channels)
 
 
 @dataclass
@@ -257,30 +262,35 @@ def _notes_for_rules(rules: Rules, entries: list[PlannedSite], d: Analysis, stri
     return notes
 
 
-def _check_variants(rules: Rules, entries: list[PlannedSite]) -> None:
-    """Refuse a variant where the site cannot take it (naming the rule that chose it)."""
-    chosen = [e for e in entries if e.selected and e.options is not None]
-    bad = [e for e in chosen if e.options.variant not in VARIANTS_BY_KIND[e.site.kind]]
+def _refuse(rules: Rules, e: PlannedSite, message: str):
+    raise PlanError(f"{rules.where('rules', e.rule)}: rule {e.rule}, key 'variant': {message}")
+
+
+def _check_placements(rules: Rules, entries: list[PlannedSite]) -> None:
+    """Every selected site can take its variant (and ``ratio_of``) where it is."""
+    chosen = [e for e in entries if e.selected]
+    bad = [e.site.name for e in chosen if e.options.variant not in VARIANTS_BY_KIND[e.site.kind]]
     if bad:
-        e0, names = bad[0], [e.site.name for e in bad]
-        raise PlanError(
-            f"{rules.where('rules', e0.rule)}: rule {e0.rule}, key 'variant': variant "
-            f"{e0.options.variant!r} is not allowed at {e0.site.kind} site(s) {', '.join(names[:5])}"
-            f"{' ...' if len(names) > 5 else ''}; {e0.site.kind} sites allow only 'standard' "
-            f"(add kind: residual to the rule's select)"
-        )
-    no_fork = [e for e in chosen if e.options.variant == "pre" and e.site.in_channels is None]
-    if no_fork:
-        raise PlanError(
-            f"{rules.where('rules', no_fork[0].rule)}: rule {no_fork[0].rule}, key 'variant': 'pre' needs the "
-            f"block's input to be a 4-D map, which it is not at {no_fork[0].site.name}; use another variant"
-        )
-    no_inner = [e for e in chosen if e.options.variant == "inner" and e.site.inner is None]
-    if no_inner:
-        raise PlanError(
-            f"{rules.where('rules', no_inner[0].rule)}: rule {no_inner[0].rule}, key 'variant': 'inner' needs a "
-            f"spatial convolution in the residual branch, and {no_inner[0].site.name} has none; use another variant"
-        )
+        e0 = next(e for e in chosen if e.site.name == bad[0])
+        kind = e0.site.kind
+        allowed = ", ".join(repr(v) for v in VARIANTS_BY_KIND[kind])
+        hint = "add kind: residual to the rule's select" if kind != "block" else "block sites take variant: inner"
+        _refuse(rules, e0, f"variant {e0.options.variant!r} is not allowed at {kind} site(s) {', '.join(bad[:5])}"
+                           f"{' ...' if len(bad) > 5 else ''}; {kind} sites allow only {allowed} ({hint})")
+    for e in chosen:
+        v, s = e.options.variant, e.site
+        if v == "pre" and s.in_channels is None:
+            _refuse(rules, e, f"'pre' needs the block's input to be a 4-D map, which it is not at {s.name}; "
+                              "use another variant")
+        if v == "inner" and s.inner is None:
+            _refuse(rules, e, f"'inner' needs a spatial convolution in the residual branch, and {s.name} has none; "
+                              "use another variant")
+        if v == "fusion" and s.fusion is None:
+            _refuse(rules, e, f"'fusion' needs a conv layer that alone reads the concatenation, and {s.name} has "
+                              "none; use 'standard'")
+        if e.options.ratio_of == "block_input" and s.in_channels is None:
+            raise PlanError(f"{rules.where('rules', e.rule)}: rule {e.rule}, key 'ratio_of': 'block_input' needs "
+                            f"the block's input channels, which {s.kind} site {s.name} has not; use ratio_of: site")
 
 
 def _layer_scale_note(entries: list[PlannedSite], name: str) -> list[str]:
@@ -317,7 +327,7 @@ def plan_from(rules: Rules, d: Analysis, *, strict: bool = False,
         _check_ranges(rules, list(d.sites), d.model)
         entries = match(rules, list(d.sites))
         notes = _notes_for_rules(rules, entries, d, strict)
-    _check_variants(rules, entries)
+    _check_placements(rules, entries)
     notes += _layer_scale_note(entries, d.model)
     untraced = _untraced(d, strict)
     for msg in notes:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ._checks import check_model
 from .patch import is_patched_module
 from .rules import Rules, SEOptions
 from .sites import Site
@@ -92,7 +93,7 @@ def is_patched(model: nn.Module) -> bool:
         >>> se_surgery.is_patched(base), se_surgery.is_patched(se_surgery.apply(base, input_size=64))
         (False, True)
     """
-    return any(record_of(m) is not None or is_patched_module(m) for m in model.modules())
+    return any(record_of(m) is not None or is_patched_module(m) for m in check_model(model, sharded_ok=True).modules())
 
 
 def plan_facts(model: nn.Module) -> list[PlanFacts]:

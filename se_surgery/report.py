@@ -234,8 +234,10 @@ def report(model: nn.Module | Analysis, rules=None, *, input_size=None, tracer_k
     d = cast(Analysis, p.analysis)  # every plan check_plan passes has its analysis
     base_macs = d.macs if d.macs is not None else _base_macs(model, p)
     rows = [SiteRow(e.site.name, e.site.kind, e.site.stage, e.options.variant, e.se_channels, e.hidden,
-                    modules.count_params(e.options.module, e.se_channels, e.options.module_options()),
-                    modules.count_macs(e.options.module, e.se_channels, e.se_spatial, e.options.module_options()),
+                    modules.count_params(e.options.module, e.se_channels, e.options.module_options(),
+                                         e.site.in_channels),
+                    modules.count_macs(e.options.module, e.se_channels, e.se_spatial, e.options.module_options(),
+                                       e.site.in_channels),
                     e.options.module)
             for e in p.selected if e.options is not None]
     return Report(d.model, p.input_size, d.base_params, sum(r.params for r in rows), base_macs,
@@ -262,11 +264,11 @@ def _report_patched(model: nn.Module, size: tuple[int, int, int]) -> Report:
         o, site = rec.options, rec.site
         channels, spatial = (shape[1], shape[2:4]) if site.channel_dim == 1 else (shape[3], shape[1:3])
         params = sum(p.numel() for p in se.parameters())
-        opts = o.module_options()
+        opts, block = o.module_options(), site.in_channels
         rows.append(SiteRow(site.name, site.kind, site.stage, o.variant, channels,
-                            modules.hidden(o.module, channels, opts), params,
-                            modules.count_macs(o.module, channels, spatial, opts), o.module))
-        fc_macs += modules.weight_macs(o.module, channels, spatial, opts)
+                            modules.hidden(o.module, channels, opts, block), params,
+                            modules.count_macs(o.module, channels, spatial, opts, block), o.module))
+        fc_macs += modules.weight_macs(o.module, channels, spatial, opts, block)
     added = sum(r.params for r in rows)
     n_params = sum(p.numel() for p in model.parameters())
     return Report(type(model).__name__, size, n_params - added, added, total_macs - fc_macs,

@@ -52,6 +52,7 @@ __all__ = [
     "MIN_HIDDEN_RANGE",
     "RATIO_RANGE",
     "VARIANTS",
+    "VARIANTS_BY_KIND",
     "Rule",
     "Rules",
     "SEOptions",
@@ -61,9 +62,12 @@ __all__ = [
     "preset_summaries",
 ]
 
-VARIANTS = ("standard", "pre", "post", "identity", "inner")
-KINDS = ("residual", "branch_sum", "concat")
-VARIANTS_BY_KIND = {"residual": VARIANTS, "branch_sum": ("standard",), "concat": ("standard",)}
+VARIANTS = ("standard", "pre", "post", "identity", "inner", "fusion")
+KINDS = ("residual", "branch_sum", "concat", "block")
+# What each kind of site allows: ``inner`` goes inside a residual branch or a block,
+# ``fusion`` after the layer that consumes a concatenation (VoVNet's eSE).
+VARIANTS_BY_KIND = {"residual": ("standard", "pre", "post", "identity", "inner"), "branch_sum": ("standard",),
+                    "concat": ("standard", "fusion"), "block": ("inner",)}
 TOP_KEYS = ("defaults", "rules")
 
 # A rules file is a few lines; these caps keep a hostile or mistaken file from
@@ -76,7 +80,7 @@ MAX_NESTING = 64
 class SEOptions:
     """Options of one inserted SE module (the ``defaults`` block and rule overrides)."""
 
-    variant: str = "standard"  # standard | pre | post | identity | inner
+    variant: str = "standard"  # standard | pre | post | identity | inner | fusion (VARIANTS_BY_KIND)
     ratio: float = 16  # reduction ratio r: hidden = channels / ratio; RATIO_RANGE
     divisor: int = 1  # round hidden to a multiple of this (timm uses 8); DIVISOR_RANGE
     min_hidden: int = 1  # lower bound on hidden before rounding; MIN_HIDDEN_RANGE
@@ -84,6 +88,9 @@ class SEOptions:
     squeeze: str = "avg"  # avg | max | avgmax
     gate: str = "sigmoid"  # sigmoid | hard_sigmoid
     bias: bool = True  # FCs with bias (timm's SEModule has them)
+    act: str = "relu"  # the excitation's activation: relu | relu6 | silu | gelu | hard_swish | mish
+    ratio_of: str = "site"  # site: hidden = channels / ratio; block_input: the block's input channels / ratio
+    round_limit: float = 0.0  # one divisor more where rounding lost more than 1 - this (timm's MobileNetV3: 0.9)
     module: str = "se"  # what is inserted: se | ese | eca | gc | cbam | a registered name
     # Options written for a module other than se (kernel_size, ratio for gc, ...), as
     # sorted (key, value) pairs; a dict is accepted. In Rules.defaults: every option the
@@ -150,7 +157,8 @@ class SEOptions:
         return dataclasses.replace(self, extra={k: v for k, v in self.extra if modules.accepts(self.module, k)})
 
 
-SE_KEYS = ("ratio", "divisor", "min_hidden", "init", "squeeze", "gate", "bias")  # se's own options
+SE_KEYS = ("ratio", "divisor", "min_hidden", "init", "squeeze", "gate", "bias", "act", "ratio_of",
+           "round_limit")  # se's own options
 _SE_DEFAULTS = {f.name: f.default for f in fields(SEOptions)}
 _FIELDS = tuple(f.name for f in fields(SEOptions) if f.name != "extra")
 OPTION_KEYS = _FIELDS  # keys a defaults block or a rule may always write
@@ -260,11 +268,12 @@ class Rules:
 
 
 def _preset_dir():
-    try:
-        return importlib.resources.files("se_surgery.presets")
-    except ModuleNotFoundError:
-        # A checkout used from PYTHONPATH, not installed: the presets sit beside the package.
-        return Path(__file__).resolve().parent.parent / "rules"
+    # A checkout (imported from PYTHONPATH, or another worktree beside an editable install)
+    # reads its own rules/; an installed wheel reads the packaged presets.
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "rules" / "all_stages.yaml").is_file():
+        return checkout / "rules"
+    return importlib.resources.files("se_surgery.presets")
 
 
 def preset_names() -> list[str]:
@@ -590,25 +599,26 @@ def _from_data(data, source: str, lines: dict) -> Rules:
         chk.fail(("defaults", "variant"), f"variant must be one of {', '.join(VARIANTS)}, "
                                           f"got {defaults_raw['variant']!r}")
     defaults = SEOptions(**{k: v for k, v in defaults_raw.items() if k in _FIELDS}, extra=written)
-    rules = []
-    for i, r in enumerate(raw_rules):
-        path = ("rules", i)
-        if not isinstance(r, dict):
-            chk.fail(path, f"each rule must be a mapping with 'select:', got {type(r).__name__}")
-        own_module = rule_modules[i]
-        candidates = (own_module,) if own_module else every
-        chk.options(path, r, candidates, "rule", ("select", "skip") + fixed)
-        select = chk.selector(path + ("select",), r.get("select"))
-        skip = r.get("skip", False)
-        if not isinstance(skip, bool):
-            chk.fail(path + ("skip",), f"skip must be true or false, got {skip!r}")
-        if "variant" in r and r["variant"] not in VARIANTS:
-            chk.fail(path + ("variant",), f"variant must be one of {', '.join(VARIANTS)}, got {r['variant']!r}")
-        options = {k: v for k, v in r.items() if k not in ("select", "skip")}
-        if skip and options:
-            chk.fail(path + (next(iter(options)),), "a rule with skip: true takes no SE options")
-        rules.append(Rule(select, options, skip))
+    rules = [_rule(chk, i, r, (m,) if (m := rule_modules[i]) else every) for i, r in enumerate(raw_rules)]
     return Rules(defaults, tuple(rules), source, lines)
+
+
+def _rule(chk: _Checker, i: int, r, candidates: tuple[str, ...]) -> Rule:
+    """Rule ``i`` checked; ``candidates``: the modules it can resolve to."""
+    path = ("rules", i)
+    if not isinstance(r, dict):
+        chk.fail(path, f"each rule must be a mapping with 'select:', got {type(r).__name__}")
+    chk.options(path, r, candidates, "rule", ("select", "skip", "variant", "module"))
+    select = chk.selector(path + ("select",), r.get("select"))
+    skip = r.get("skip", False)
+    if not isinstance(skip, bool):
+        chk.fail(path + ("skip",), f"skip must be true or false, got {skip!r}")
+    if "variant" in r and r["variant"] not in VARIANTS:
+        chk.fail(path + ("variant",), f"variant must be one of {', '.join(VARIANTS)}, got {r['variant']!r}")
+    options = {k: v for k, v in r.items() if k not in ("select", "skip")}
+    if skip and options:
+        chk.fail(path + (next(iter(options)),), "a rule with skip: true takes no SE options")
+    return Rule(select, options, skip)
 
 
 def load_rules(source=None) -> Rules:

@@ -16,11 +16,13 @@ from .ops.fused import se_join_into
 # torch.compiler.is_exporting is newer than torch.library.custom_op (2.4).
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
-__all__ = ["SqueezeExcite", "hidden_channels"]
+__all__ = ["SqueezeExcite", "hidden_channels", "make_act", "reduced_channels"]
 
 SQUEEZES = ("avg", "max", "avgmax")
 GATES = ("sigmoid", "hard_sigmoid")
 INITS = ("identity", "paper")
+ACTS = ("relu", "relu6", "silu", "gelu", "hard_swish", "mish")
+RATIO_OF = ("site", "block_input")
 
 
 CHANNEL_DIMS = (1, -1)
@@ -42,11 +44,29 @@ def check_choices(**values: tuple) -> None:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def hidden_channels(channels: int, ratio: float, divisor: int = 1, min_hidden: int = 1) -> int:
+def make_act(name: str) -> nn.Module:
+    """The excitation's activation module for an ``act`` option.
+
+    Example:
+        >>> make_act("silu")
+        SiLU()
+    """
+    check_choices(act=(name, ACTS))
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "relu6":
+        return nn.ReLU6(inplace=True)
+    return {"silu": nn.SiLU, "gelu": nn.GELU, "hard_swish": nn.Hardswish, "mish": nn.Mish}[name]()
+
+
+def hidden_channels(channels: int, ratio: float, divisor: int = 1, min_hidden: int = 1,
+                    round_limit: float = 0.0) -> int:
     """Width of the SE bottleneck, rounded the way timm's ``make_divisible`` does.
 
     ``max(min_hidden, channels / ratio)`` rounded to the nearest multiple of ``divisor``
-    (halves up), never below ``divisor``.
+    (halves up), never below ``divisor``; one ``divisor`` more where rounding lost more
+    than ``1 - round_limit`` of the width (timm's MobileNetV3 SE rounds with 0.9, its
+    ``SEModule`` with 0).
 
     Example:
         >>> hidden_channels(256, 16)
@@ -55,9 +75,26 @@ def hidden_channels(channels: int, ratio: float, divisor: int = 1, min_hidden: i
         8
         >>> hidden_channels(24, 16)
         2
+        >>> hidden_channels(72, 4, divisor=8), hidden_channels(72, 4, divisor=8, round_limit=0.9)
+        (16, 24)
     """
     v = max(float(min_hidden), channels / ratio)
-    return max(divisor, int(v + divisor / 2) // divisor * divisor)
+    h = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return h + divisor if h < round_limit * v else h
+
+
+def reduced_channels(channels: int, ratio_of: str = "site", block_channels: int | None = None) -> int:
+    """The channel count the ratio divides: the site's, or the block input's for ``block_input``.
+
+    Example:
+        >>> reduced_channels(96, "block_input", 16)
+        16
+    """
+    if ratio_of != "block_input":
+        return int(channels)
+    if block_channels is None:
+        raise ValueError("ratio_of='block_input' needs block_channels (the block's input channels)")
+    return int(block_channels)
 
 
 class SqueezeExcite(nn.Module):
@@ -66,14 +103,19 @@ class SqueezeExcite(nn.Module):
     Args:
         channels: channels of the map the gate scales.
         ratio: reduction ratio ``r``; see :func:`hidden_channels`.
-        divisor, min_hidden: rounding of the bottleneck width.
+        divisor, min_hidden, round_limit: rounding of the bottleneck width.
         squeeze: ``"avg"``, ``"max"`` or ``"avgmax"`` (mean of both) global pooling.
         gate: ``"sigmoid"`` or ``"hard_sigmoid"``.
         init: ``"identity"`` zero-initialises the last FC and doubles the gate, so the
             gate is exactly 1 and the module computes the identity until it is trained;
             ``"paper"`` keeps PyTorch's default init and the plain gate.
         bias: whether the FCs have a bias.
+        act: the excitation's activation (``relu``; EfficientNet uses ``silu``).
+        ratio_of: ``"site"`` (hidden = channels / ratio) or ``"block_input"`` (hidden =
+            ``block_channels`` / ratio, EfficientNet's SE: a quarter of the block input).
         channel_dim: 1 for (N, C, H, W) maps, -1 for channels-last (N, H, W, C) maps.
+        block_channels: the input channels of the block the module sits in (passed by
+            se-surgery; needed for ``ratio_of="block_input"``).
 
     ``forward(x)`` returns ``x * gate(x)``; ``forward(x, skip)`` returns
     ``skip + x * gate(x)``, which is how the ``standard`` variant closes a residual join;
@@ -96,19 +138,24 @@ class SqueezeExcite(nn.Module):
         *,
         divisor: int = 1,
         min_hidden: int = 1,
+        round_limit: float = 0.0,
         squeeze: str = "avg",
         gate: str = "sigmoid",
+        act: str = "relu",
+        ratio_of: str = "site",
         init: str = "identity",
         bias: bool = True,
         channel_dim: int = 1,
+        block_channels: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         check_choices(squeeze=(squeeze, SQUEEZES), gate=(gate, GATES), init=(init, INITS),
-                      channel_dim=(channel_dim, CHANNEL_DIMS))
+                      channel_dim=(channel_dim, CHANNEL_DIMS), act=(act, ACTS), ratio_of=(ratio_of, RATIO_OF))
         self.channels = int(channels)
-        self.hidden = hidden_channels(channels, ratio, divisor, min_hidden)
+        self.hidden = hidden_channels(reduced_channels(channels, ratio_of, block_channels), ratio, divisor,
+                                      min_hidden, round_limit)
         self.squeeze = squeeze
         self.gate_fn = gate
         self.init = init
@@ -117,7 +164,8 @@ class SqueezeExcite(nn.Module):
         self.gate_scale = 2.0 if init == "identity" else 1.0
         kw = {"device": device, "dtype": dtype}
         self.fc1 = nn.Conv2d(self.channels, self.hidden, 1, bias=bias, **kw)
-        self.act = nn.ReLU(inplace=True)
+        self.act = make_act(act)
+        self.act_name = act
         self.fc2 = nn.Conv2d(self.hidden, self.channels, 1, bias=bias, **kw)
         if init == "identity":
             nn.init.zeros_(self.fc2.weight)
@@ -156,6 +204,7 @@ class SqueezeExcite(nn.Module):
         return (
             f"channels={self.channels}, hidden={self.hidden}, squeeze={self.squeeze!r}, "
             f"gate={self.gate_fn!r}, init={self.init!r}, channel_dim={self.channel_dim}"
+            + (f", act={self.act_name!r}" if self.act_name != "relu" else "")
         )
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,7 +278,7 @@ class SqueezeExcite(nn.Module):
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor, skip: torch.Tensor | None, inplace: bool,
                        act: str | None) -> torch.Tensor:
-        if (not self.use_fused or torch.onnx.is_in_onnx_export()
+        if (not self.use_fused or self.act_name != "relu" or torch.onnx.is_in_onnx_export()
                 or (torch.compiler.is_compiling() and not _is_exporting() and x.device.type != "cuda")):
             # ONNX needs standard ops. Compiling for the CPU, Inductor fuses the composite into
             # the neighbouring norm and add kernels, which no opaque op can match (measured: 1.18

@@ -32,7 +32,7 @@ from se_surgery import (
 from se_surgery.cli import load_weights, main
 from se_surgery.rules import OPTION_KEYS, RULE_KEYS, SELECT_KEYS, TOP_KEYS, Rules
 
-ALLOWED_VARIANTS = "standard, pre, post, identity, inner"
+ALLOWED_VARIANTS = "standard, pre, post, identity, inner, fusion"
 
 
 def resnet18():
@@ -180,7 +180,7 @@ CASES = [
     ("unknown_gate", apply_rules({"rules": [{"select": {}, "gate": "relu"}]}), RuleError,
      r"rule 0, key 'gate': gate must be one of sigmoid, hard_sigmoid, got 'relu'$", resnet18),
     ("unknown_kind", apply_rules({"rules": [{"select": {"kind": "attention"}}]}), RuleError,
-     r"rule 0, key 'kind': kind must be one of residual, branch_sum, concat, got 'attention'$", resnet18),
+     r"rule 0, key 'kind': kind must be one of residual, branch_sum, concat, block, got 'attention'$", resnet18),
     ("stage_zero", apply_yaml("rules:\n  - select: {stage: 0}\n"), RuleError,
      r"rules\.yaml:2: rule 0, key 'stage': stage must be a non-zero integer or a list of them", resnet18),
     ("stage_float", apply_rules({"rules": [{"select": {"stage": [1, 2.5]}}]}), RuleError,
@@ -202,7 +202,7 @@ CASES = [
     ("self_referencing_alias", apply_yaml("rules: &r\n  - select: {}\n  - *r\n"), RuleError,
      r"rules\.yaml:\d: invalid YAML: an alias refers to the anchor it is inside of", resnet18),
     ("rules_file_missing", apply_rules("no/such/rules.yaml"), MissingFileError,
-     r"^rules file 'no/such/rules\.yaml' not found, and it is not a preset name; presets: all_stages, inception,",
+     r"^rules file 'no/such/rules\.yaml' not found, and it is not a preset name; presets: all_stages, efficientnet, inception,",
      resnet18),
     ("unknown_preset", apply_rules("late_stage"), MissingFileError,
      r"^rules file 'late_stage' not found, and it is not a preset name", resnet18),
@@ -222,7 +222,7 @@ CASES = [
      PlanError, r"^<dict>: rule 0 selects no site of ResNet \(8 sites; se-surgery sites MODEL lists them\)$",
      resnet18),
     ("variant_pre_at_concat", apply_rules({"defaults": {"variant": "pre"}, "rules": [{"select": {"kind": "concat"}}]}),
-     PlanError, r"variant 'pre' is not allowed at concat site\(s\) 1; concat sites allow only 'standard' "
+     PlanError, r"variant 'pre' is not allowed at concat site\(s\) 1; concat sites allow only 'standard', 'fusion' "
                 r"\(add kind: residual to the rule's select\)$", concat_only),
     # ----- models
     ("model_is_a_string", lambda model, tmp: se_surgery.apply("resnet18"), ModelTypeError,
@@ -304,7 +304,7 @@ def test_errors_are_also_builtin_errors():
 ], ids=["find_sites", "plan", "apply", "report", "strip", "se_parameters", "mark_only_se_trainable", "param_groups",
         "save_se", "load_se", "is_patched"])
 def test_every_public_function_checks_the_model(call, tmp_path):
-    with pytest.raises(ModelTypeError, match=r"^model must be a torch\.nn\.Module, got str$"):
+    with pytest.raises(ModelTypeError, match=r"^model must be a torch\.nn\.Module( or an se_surgery\.Analysis)?, got str$"):
         call("resnet18", tmp_path / "se.safetensors")
 
 

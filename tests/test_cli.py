@@ -23,7 +23,7 @@ def test_sites_table_and_json(capsys):
 
 def test_sites_of_a_model_without_joins(capsys):
     assert main(["sites", "vgg11"]) == 0
-    assert "no residual or concat joins" in capsys.readouterr().out
+    assert "no residual, concat or block sites" in capsys.readouterr().out
 
 
 def test_unknown_model_names_close_matches(capsys):

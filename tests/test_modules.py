@@ -259,7 +259,7 @@ def test_seoptions_round_trips():
     # defaults are shared by all modules: a key no registered module takes is the error.
     ("defaults: {module: gc, sqeeze: max}\nrules: [{select: {}}]\n",
      (r"rules.yaml:1: key 'defaults.sqeeze': unknown defaults key 'sqeeze' \(did you mean 'squeeze'\?\); allowed: "
-      r"variant, ratio, divisor, min_hidden, squeeze, .*, add_maxpool, kernel_size, gamma, beta, fuse, "
+      r"variant, ratio, divisor, min_hidden, .*squeeze, .*, add_maxpool, kernel_size, gamma, beta, fuse, "
       r"spatial_kernel_size, module$")),
 ])
 def test_option_errors_name_file_line_rule_key_and_what_the_module_takes(tmp_path, text, message):
@@ -276,7 +276,7 @@ def test_a_key_is_allowed_when_a_module_the_rule_can_resolve_to_takes_it():
 def test_validate_options_messages():
     with pytest.raises(ModuleError, match=r"^module 'cbam' takes no option 'kernel_size' \(did you mean "
                                           r"'spatial_kernel_size'\?\); it takes: ratio, divisor, min_hidden, "
-                                          r"spatial_kernel_size, bias, gate, init$"):
+                                          r"spatial_kernel_size, bias, gate, act, ratio_of, init$"):
         modules.validate_options("cbam", {"kernel_size": 3})
     with pytest.raises(ModuleError, match=r"^module 'gc': fuse must be one of add, scale, got 'mul'$"):
         modules.validate_options("gc", {"fuse": "mul"})
@@ -482,5 +482,6 @@ def test_a_rule_option_that_reaches_no_module_is_warned_about():
         p = se_surgery.plan(TinyNet(), rules, input_size=16)
     assert [e.options.module_options() for e in p.selected] == [{"ratio": 16, "divisor": 1, "min_hidden": 1,
                                                                 "squeeze": "avg", "gate": "sigmoid",
-                                                                "init": "identity", "bias": True},
+                                                                "init": "identity", "bias": True, "act": "relu",
+                                                                "ratio_of": "site", "round_limit": 0.0},
                                                                {"kernel_size": 5}]

@@ -92,8 +92,8 @@ def _write(tmp_path, text, name="rules.yaml"):
         ("rules:\n  - select: {}\n    ratio: -2\n", r"ratio must be a number from 0.125 to 4096, got -2"),
         ("rules:\n  - select: {}\n    ratio: sixteen\n", r"ratio must be a number from 0.125 to 4096, got 'sixteen'"),
         ("rules:\n  - select: {}\n    variant: middle\n",
-         r"rules.yaml:3: rule 0, key 'variant': variant must be one of standard, pre, post, identity, inner, got 'middle'"),
-        ("rules:\n  - select: {kind: residul}\n", r"kind must be one of residual, branch_sum, concat, got 'residul'"),
+         r"rules.yaml:3: rule 0, key 'variant': variant must be one of standard, pre, post, identity, inner, fusion, got 'middle'"),
+        ("rules:\n  - select: {kind: residul}\n", r"kind must be one of residual, branch_sum, concat, block, got 'residul'"),
         ("rules:\n  - select: {stage: 0}\n", r"stage must be a non-zero integer or a list of them"),
         ("rules:\n  - select: {stage: '2'}\n", r"stage must be a non-zero integer"),
         ("rules:\n  - select: {}\n    divisor: 2.5\n", r"divisor must be an integer from 1 to 512, got 2.5"),
@@ -121,7 +121,7 @@ def test_rule_errors_name_file_line_rule_and_key(tmp_path, text, message):
 
 def test_missing_file_and_wrong_source_type():
     with pytest.raises(se_surgery.MissingFileError, match=r"rules file 'nope.yaml' not found, and it is not a "
-                                                          r"preset name; presets: all_stages, inception"):
+                                                          r"preset name; presets: all_stages, efficientnet, inception"):
         load_rules("nope.yaml")
     with pytest.raises(RuleError, match="rules must be a path, a preset name"):
         load_rules(42)
@@ -208,4 +208,4 @@ def test_presets_load_from_an_installed_wheel(tmp_path):
             "len(se_surgery.preset_names()))" % site)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""},
                          check=True, capture_output=True, text=True)
-    assert out.stdout.split() == ["True", "preset", "late_stages", "8"]
+    assert out.stdout.split() == ["True", "preset", "late_stages", "10"]

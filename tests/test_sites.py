@@ -60,24 +60,27 @@ def test_googlenet_and_densenet121():
 
 
 @pytest.mark.parametrize(
-    "name, count, channels",
+    "name, count, channels, blocks",
     [
-        # InvertedResidual with stride 1 and in == out: 1 + 2 + 3 + 2 + 2 of the 17 blocks.
-        ("mobilenet_v2", 10, [24, 32, 32, 64, 64, 64, 96, 96, 160, 160]),
-        # MBConv blocks after the first of each stage: 0 + 1 + 1 + 2 + 2 + 3 + 0.
-        ("efficientnet_b0", 9, [24, 40, 80, 80, 112, 112, 192, 192, 192]),
+        # InvertedResidual with stride 1 and in == out: 1 + 2 + 3 + 2 + 2 of the 17 blocks;
+        # the other 7 (no skip) are block sites.
+        ("mobilenet_v2", 10, [24, 32, 32, 64, 64, 64, 96, 96, 160, 160], 7),
+        # MBConv blocks after the first of each stage: 0 + 1 + 1 + 2 + 2 + 3 + 0; the 7 first are blocks.
+        ("efficientnet_b0", 9, [24, 40, 80, 80, 112, 112, 192, 192, 192], 7),
         # Every CNBlock: depths 3, 3, 9, 3.
-        ("convnext_tiny", 18, [96] * 3 + [192] * 3 + [384] * 9 + [768] * 3),
+        ("convnext_tiny", 18, [96] * 3 + [192] * 3 + [384] * 9 + [768] * 3, 0),
         # Every ResBottleneckBlock: depths 1, 3, 6, 6.
-        ("regnet_y_400mf", 16, [48] + [104] * 3 + [208] * 6 + [440] * 6),
-        ("resnext50_32x4d", 16, [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3),
+        ("regnet_y_400mf", 16, [48] + [104] * 3 + [208] * 6 + [440] * 6, 0),
+        ("resnext50_32x4d", 16, [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3, 0),
     ],
 )
-def test_residual_counts(name, count, channels):
+def test_residual_counts(name, count, channels, blocks):
     sites = se_surgery.find_sites(_build(name))
-    assert len(sites) == count
-    assert [s.channels for s in sites] == channels
-    assert {s.kind for s in sites} == {"residual"}
+    residual = [s for s in sites if s.kind == "residual"]
+    assert len(residual) == count
+    assert [s.channels for s in residual] == channels
+    assert len(sites) - len(residual) == blocks
+    assert {s.kind for s in sites} == {"residual"} | ({"block"} if blocks else set())
 
 
 def test_attention_already_there_is_marked():
