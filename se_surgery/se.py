@@ -210,7 +210,7 @@ class SqueezeExcite(nn.Module):
           ONNX Runtime and OpenVINO fuse (GlobalAveragePool, 1x1 Conv, Sigmoid, Mul, Add).
         - An excitation other than ReLU (the op computes ReLU) and ``use_fused = False``.
         """
-        return (x.device.type == "cuda" and self.use_fused and type(self.act) is nn.ReLU
+        return (isinstance(x, torch.Tensor) and x.device.type == "cuda" and self.use_fused and type(self.act) is nn.ReLU
                 and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting()))
 
     @torch.jit.unused
@@ -235,6 +235,7 @@ def _onnx_exporting() -> bool:
 
 
 def _may_write_into(x: torch.Tensor, skip: torch.Tensor | None, inplace: bool) -> bool:
-    # Only eager inference may reuse x: autograd needs it, and graphs must stay functional.
-    return (inplace and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    # Only eager inference may reuse x: autograd needs it, and graphs must stay functional
+    # (an fx Proxy is no Tensor).
+    return (inplace and isinstance(x, torch.Tensor) and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing() and (skip is None or skip.dtype == x.dtype))
