@@ -346,7 +346,7 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_presets(args) -> int:
-    from .rules import preset_summaries
+    from .shipped import preset_summaries
 
     summaries = preset_summaries()
     width = max(map(len, summaries))

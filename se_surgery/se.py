@@ -237,5 +237,6 @@ def _onnx_exporting() -> bool:
 def _may_write_into(x: torch.Tensor, skip: torch.Tensor | None, inplace: bool) -> bool:
     # Only eager inference may reuse x: autograd needs it, and graphs must stay functional
     # (an fx Proxy is no Tensor).
-    return (inplace and isinstance(x, torch.Tensor) and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and (skip is None or skip.dtype == x.dtype))
+    return (inplace and isinstance(x, torch.Tensor) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and (skip is None or skip.dtype == x.dtype))

@@ -129,7 +129,8 @@ def scale_join(x: Tensor, g: Tensor, skip: Tensor | None, relu: bool, out: Tenso
         >>> scale_join(x, torch.full((1, 2, 1, 1), 2.0), skip, relu=True).flatten().tolist()
         [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     """
-    g = g.to(x.dtype)  # an fp32 MLP under a low-precision map (autocast's linears)
+    if g.dtype != x.dtype:  # an fp32 MLP under a low-precision map (autocast); no Cast node otherwise
+        g = g.to(x.dtype)
     if out is None:
         y = x * g if skip is None else skip + x * g if onnx else torch.addcmul(skip, x, g)
     elif skip is None:
