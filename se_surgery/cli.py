@@ -1,4 +1,4 @@
-"""Command line: ``se-surgery sites|plan|report|check|presets``.
+"""Command line: ``se-surgery sites|plan|report|check|presets|bench|sweep``.
 
 Only this module looks models up by name. Every expected failure (bad model name,
 missing or unreadable file, invalid rules, an output that cannot be written) prints one
@@ -355,6 +355,29 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import bench, check_runtimes, format_rows
+
+    runtimes = args.runtime or ["eager"]
+    check_runtimes(runtimes)  # a missing runtime fails in one line before any model is built
+    model = _model(args)
+    size = args.input_size if args.input_size is None or isinstance(args.input_size, int) else args.input_size[-2:]
+    rows = bench(model, args.rules or ["all_stages"], runtimes=runtimes, batches=args.batch or [1],
+                 threads=args.threads, input_size=size, rounds=args.rounds, clock=args.clock)
+    print(format_rows(rows, args.format))
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to 100000, got {value}")
+    return value
+
+
 def _size(text: str):
     """``--input-size``: N, HxW or CxHxW, each within bounds a model can be traced at."""
     try:
@@ -593,6 +616,29 @@ def parser() -> argparse.ArgumentParser:
         description="List the rule presets shipped with se-surgery; pass a name to --rules or 'check'.",
         epilog=_examples("se-surgery presets", "se-surgery plan resnet50 --rules no_last_stage"))
     p.set_defaults(fn=_cmd_presets)
+
+    p = sub.add_parser(
+        "bench", help="latency of the base and each rule set on each runtime", formatter_class=_Help,
+        description="Time MODEL and MODEL patched by each RULES (SE gates moved off the identity) on each runtime, "
+                    "the candidates interleaved round by round; prints the median paired ratio to the base with its "
+                    "spread (quartiles), the median times and the MACs ratio: what MACs do not say.",
+        epilog=_examples("se-surgery bench resnet50", "se-surgery bench resnet50 --rules all_stages --rules "
+                         "late_stages --runtime eager --runtime onnxruntime --batch 1 --batch 8",
+                         "se-surgery bench resnet50 --runtime openvino --format json > bench.json",
+                         "", "onnxruntime and openvino are optional: pip install 'se-surgery[onnx]' or "
+                         "'se-surgery[openvino]'. See docs/performance.md."))
+    model_args(p)
+    p.add_argument("--rules", action="append", metavar="RULES",
+                   help="rules file or preset; repeat to compare (default all_stages)")
+    p.add_argument("--runtime", action="append", choices=("eager", "compile", "onnxruntime", "openvino"),
+                   help="where to run; repeatable (default eager)")
+    p.add_argument("--batch", action="append", type=_positive, metavar="N", help="batch size; repeatable (default 1)")
+    p.add_argument("--threads", type=_positive, default=1, metavar="N", help="intra-op threads (default 1)")
+    p.add_argument("--rounds", type=_positive, default=20, metavar="N", help="interleaved rounds (default 20)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or the process's CPU time (steadier on a shared machine; use with --threads 1)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    p.set_defaults(fn=_cmd_bench)
 
     _add_sweep_parser(sub)
     return ap
