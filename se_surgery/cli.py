@@ -463,6 +463,21 @@ def _cmd_sweep(args) -> int:
     from .train import load_base_weights, load_data, seed_everything
 
     shard = sweep.parse_shard(args.trial)  # a bad --trial fails before any data or model is loaded
+    config = sweep.SweepConfig(
+        model=args.model, weights=args.weights, pretrained=args.pretrained, data=args.data, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, se_lr=args.se_lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, freeze_base=args.freeze_base)
+    grid = {"rules": args.rules or ["all_stages"], "variants": args.variant or [None], "ratios": args.ratio or [None],
+            "modules": args.module or [None], "seeds": args.seeds, "out": args.out, "shard": shard}
+    if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):  # one process: it alone reads the results
+        size = args.input_size or (32 if args.data == "digits" else 224)  # as load_data defaults
+        records = sweep.finished(config, input_size=(3, size, size), **grid)
+        if records is not None:  # nothing left to run: the summary, without a model or data
+            print(f"skipped {len(records)} finished trial(s) (already in {args.out}); nothing left to run\n")
+            print(sweep.table(records))
+            if args.plot:
+                sweep.plot(records, args.plot)
+            return 0
     data = load_data(args.data, args.input_size, workers=args.workers)
     # The fresh head (and a base without weights) must be the same in every run and every
     # shard: trial keys promise that a finished trial would come out the same again.
@@ -470,13 +485,7 @@ def _cmd_sweep(args) -> int:
     model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
     if args.weights:
         load_base_weights(model, args.weights, log=lambda m: print(m, file=sys.stderr))
-    config = sweep.SweepConfig(
-        model=args.model, weights=args.weights, pretrained=args.pretrained, data=args.data, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, se_lr=args.se_lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, freeze_base=args.freeze_base)
-    sweep.run(model, data, config, rules=args.rules or ["all_stages"], variants=args.variant or [None],
-              ratios=args.ratio or [None], modules=args.module or [None], seeds=args.seeds, out=args.out,
-              shard=shard, device=args.device, plot=args.plot)
+    sweep.run(model, data, config, device=args.device, plot=args.plot, **grid)
     return 0
 
 

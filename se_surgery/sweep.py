@@ -42,6 +42,7 @@ __all__ = [
     "SweepConfig",
     "SweepError",
     "Trial",
+    "finished",
     "overlay",
     "pareto_front",
     "parse_shard",
@@ -351,19 +352,7 @@ def run(model: nn.Module, data: Data, config: SweepConfig, *, rules: Sequence[st
         >>> [(r["rules"], r["variant"], r["steps"]) for r in recs]
         [(None, None, 3), ('late_stages', 'standard', 3), ('late_stages', 'pre', 3)]
     """
-    config.check()
-    shard_i, shard_n = shard
-    if not 0 <= shard_i < shard_n:
-        raise SweepError(f"--trial {shard_i}/{shard_n}: expected I/N with 0 <= I < N")
-    if not rules:
-        raise SweepError("no --rules given: name at least one rules file or preset")
-    every = trials(rules, variants, ratios, modules, seeds)
-    mine = every[shard_i::shard_n]
-    settings = {}
-    for t in mine:
-        s = (t.rules, t.variant, t.ratio, t.module)
-        if s not in settings:
-            settings[s] = overlay(t.rules, t.variant, t.ratio, t.module)
+    mine, settings = _plan_trials(config, rules, variants, ratios, modules, seeds, shard)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         costs = _costs(model, settings, data.input_size)
@@ -381,8 +370,25 @@ def _tty() -> bool:
     return sys.stderr.isatty()
 
 
-def _sweep(model, data, config, d: Dist, mine: list[Trial], settings: dict, costs: dict, out: Path,
-           plot_path, progress: bool) -> list[dict]:
+def _plan_trials(config: SweepConfig, rules, variants, ratios, modules, seeds: int, shard: tuple[int, int]):
+    """This shard's trials with SE and the resolved rules of each setting (no model needed)."""
+    config.check()
+    shard_i, shard_n = shard
+    if not 0 <= shard_i < shard_n:
+        raise SweepError(f"--trial {shard_i}/{shard_n}: expected I/N with 0 <= I < N")
+    if not rules:
+        raise SweepError("no --rules given: name at least one rules file or preset")
+    mine = trials(rules, variants, ratios, modules, seeds)[shard_i::shard_n]
+    settings: dict = {}
+    for t in mine:
+        s = (t.rules, t.variant, t.ratio, t.module)
+        if s not in settings:
+            settings[s] = overlay(t.rules, t.variant, t.ratio, t.module)
+    return mine, settings
+
+
+def _order_and_keys(mine: list[Trial], settings: dict, config: SweepConfig, input_size, world: int):
+    """Run order (per seed: the baseline, then the trials with SE) and each trial's key."""
     seeds = sorted({t.seed for t in mine})
     baselines = {s: Trial(None, None, None, None, s) for s in seeds}
     order = []
@@ -390,7 +396,33 @@ def _sweep(model, data, config, d: Dist, mine: list[Trial], settings: dict, cost
         order.append(baselines[s])
         order += [t for t in mine if t.seed == s]
     keys = {t: _key(t, config, None if t.baseline else settings[(t.rules, t.variant, t.ratio, t.module)],
-                    data.input_size, d.world) for t in order}
+                    input_size, world) for t in order}
+    return order, keys, baselines
+
+
+def finished(config: SweepConfig, *, rules: Sequence[str], variants: Sequence = (None,), ratios: Sequence = (None,),
+             modules: Sequence = (None,), seeds: int = 1, out: str | Path = "sweep.jsonl",
+             shard: tuple[int, int] = (0, 1), input_size: tuple[int, int, int], world: int = 1) -> list[dict] | None:
+    """The records of a sweep whose every trial is already in ``out`` (in run order), else None.
+
+    Builds no model and loads no data: the trial keys come from the settings alone, so a
+    resumed sweep with nothing left to run answers at once.
+
+    Example:
+        >>> cfg = SweepConfig("timm:test_resnet", "digits", max_steps=3)
+        >>> finished(cfg, rules=["late_stages"], out="/no/such/sweep.jsonl", input_size=(3, 32, 32)) is None
+        True
+    """
+    mine, settings = _plan_trials(config, rules, variants, ratios, modules, seeds, shard)
+    order, keys, _ = _order_and_keys(mine, settings, config, input_size, world)
+    done = {r["key"]: r for r in read_results(out)}
+    return [done[keys[t]] for t in order] if all(keys[t] in done for t in order) else None
+
+
+def _sweep(model, data, config, d: Dist, mine: list[Trial], settings: dict, costs: dict, out: Path,
+           plot_path, progress: bool) -> list[dict]:
+    order, keys, baselines = _order_and_keys(mine, settings, config, data.input_size, d.world)
+    seeds = sorted({t.seed for t in mine})
     done = None
     if d.rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)

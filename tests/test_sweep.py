@@ -107,6 +107,21 @@ def test_rerun_skips_finished_trials(full):
     assert "[1/10]" not in stdout and "| baseline (no SE) |  |  |  | 2 |" in stdout
 
 
+def test_resumed_sweep_with_nothing_left_builds_no_model_and_loads_no_data(full, monkeypatch):
+    out, first, _ = full
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished sweep must not build a model or load data")
+
+    monkeypatch.setattr(cli, "build_for_training", refuse)
+    monkeypatch.setattr("se_surgery.train.load_data", refuse)
+    rc, stdout, _ = run_cli(sweep_args(out, "--seeds", "2"))
+    assert rc == 0
+    assert stdout.startswith("skipped 10 finished trial(s)")
+    table = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert table == [line for line in first.splitlines() if line.startswith("|")]  # the same summary table
+
+
 def test_shards_cover_the_sweep_exactly_once(full, tmp_path):
     out, _, _ = full
     keys = {r["key"] for r in lines(out) if not r["baseline"]}
