@@ -104,10 +104,12 @@ def move_gates_off_identity(model: nn.Module, seed: int = 0, scale: float = 0.1)
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for se in se_modules(model):
+        for _, se in se_modules(model):
             fc = getattr(se, "fc2", None)
             if isinstance(fc, nn.Conv2d):
                 fc.weight.copy_(torch.randn(fc.weight.shape, generator=g) * scale / fc.weight[0].numel() ** 0.5)
+                if fc.bias is not None:  # the gate moves even where the hidden ReLU outputs are all 0
+                    fc.bias.copy_(torch.randn(fc.bias.shape, generator=g) * scale)
     return model
 
 
@@ -134,7 +136,7 @@ def _runner(model: nn.Module, runtime: str, x: torch.Tensor, threads: int) -> Ca
             warnings.simplefilter("ignore")  # exporter notices are not the user's concern here
             # The TorchScript-based exporter: it writes SE's squeeze as GlobalAveragePool, which ONNX
             # Runtime keeps in its blocked layout (the dynamo exporter writes ReduceMean; docs/performance.md).
-            torch.onnx.export(model, (x,), buf, dynamo=False, input_names=["x"])
+            torch.onnx.export(model, (x,), buf, dynamo=False, input_names=["x"])  # type: ignore[arg-type]  # takes a buffer
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])

@@ -485,7 +485,7 @@ def _cmd_sweep(args) -> int:
     model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
     if args.weights:
         load_base_weights(model, args.weights, log=lambda m: print(m, file=sys.stderr))
-    sweep.run(model, data, config, device=args.device, plot=args.plot, **grid)
+    sweep.run(model, data, config, device=args.device, plot=args.plot, latency=args.latency, **grid)
     return 0
 
 
@@ -527,6 +527,9 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=4, help="data loader workers (ImageFolder only)")
     p.add_argument("--out", default="sweep.jsonl", help="JSON lines file, appended to (default sweep.jsonl)")
     p.add_argument("--plot", metavar="FILE.png", help="accuracy against added parameters, with the Pareto front")
+    p.add_argument("--latency", action="store_true",
+                   help="also measure each setting's eager CPU latency ratio to the base (batch 1, one thread) and "
+                        "record it as latency_ratio")
     p.add_argument("--trial", metavar="I/N", default=None,
                    help="run only every N-th trial starting at I (0 <= I < N), to share a sweep between machines")
     p.set_defaults(fn=_cmd_sweep)

@@ -302,13 +302,19 @@ def _run_trial(base: nn.Module, trial: Trial, resolved: dict | None, cost: dict,
            "epochs": config.epochs, "steps": steps, "freeze_base": config.freeze_base, "lr": config.lr,
            "se_lr": None if trial.baseline else config.se_lr, "batch_size": config.batch_size, "world": d.world,
            "input_size": list(data.input_size), **drift, "seconds": round(seconds, 3)}
+    if "latency_ratio" in cost:
+        rec["latency_ratio"] = cost["latency_ratio"]
     if agree is not None:
         rec["replicas_agree"] = agree  # DDP kept every rank's copy of the model identical
     return rec
 
 
-def _costs(base: nn.Module, settings: dict, input_size) -> dict:
-    """Validate every setting's plan on the model and price it, before any training."""
+def _costs(base: nn.Module, settings: dict, input_size, latency: bool = False) -> dict:
+    """Validate every setting's plan on the model and price it, before any training.
+
+    ``latency``: also measure each setting's eager CPU latency ratio to the base
+    (:func:`se_surgery.bench.bench`, batch 1, one thread, at the data's input size).
+    """
     import se_surgery
 
     out = {}
@@ -323,13 +329,18 @@ def _costs(base: nn.Module, settings: dict, input_size) -> dict:
             "ratio": ratio if ratio is not None else _one(float(o.ratio) for o in opts),
             "module": module if module is not None else _one(getattr(o, "module", "se") for o in opts),
         }
+        if latency:
+            from .bench import bench
+
+            row = bench(base, [resolved], input_size=tuple(input_size[1:]), rounds=15)[0]
+            out[setting]["latency_ratio"] = row.ratio
     return out
 
 
 def run(model: nn.Module, data: Data, config: SweepConfig, *, rules: Sequence[str], variants: Sequence = (None,),
         ratios: Sequence = (None,), modules: Sequence = (None,), seeds: int = 1, out: str | Path = "sweep.jsonl",
         shard: tuple[int, int] = (0, 1), device: str | None = None, plot: str | None = None,
-        progress: bool | None = None) -> list[dict]:
+        progress: bool | None = None, latency: bool = False) -> list[dict]:
     """Run a sweep over ``model`` (the base, with its head for ``data``; not changed) and return its records.
 
     Every setting is resolved, planned and priced before the first trial trains, so a
@@ -337,6 +348,8 @@ def run(model: nn.Module, data: Data, config: SweepConfig, *, rules: Sequence[st
     ``out``) are skipped. Rank 0 appends one JSON line per trial to ``out``, prints a
     line per trial and, at the end, the markdown :func:`table` of this sweep's records
     (and writes ``plot``). Returns the records of this sweep (this shard's), old and new.
+    ``latency=True`` records each setting's measured eager CPU ``latency_ratio`` to the base
+    (batch 1, one thread; :mod:`se_surgery.bench`) in its trials' records.
 
     Example (two SE settings and the baseline, three optimizer steps each):
         >>> import tempfile, se_surgery
@@ -355,7 +368,7 @@ def run(model: nn.Module, data: Data, config: SweepConfig, *, rules: Sequence[st
     mine, settings = _plan_trials(config, rules, variants, ratios, modules, seeds, shard)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        costs = _costs(model, settings, data.input_size)
+        costs = _costs(model, settings, data.input_size, latency)
     d = Dist(device)
     try:
         return _sweep(model, data, config, d, mine, settings, costs, Path(out), plot,
