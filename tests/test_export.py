@@ -53,9 +53,10 @@ def test_torchscript_onnx_export_writes_global_average_pool_and_convs(models, ex
         torch.onnx.export(patched, (example,), buf, dynamo=False)
     ops = Counter(n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node)
     n = len(_se_modules(patched))
-    # Per SE: GlobalAveragePool, two 1x1 Conv, Sigmoid, Mul by the gate scale (2, on the small
-    # gate), Mul by the map, Add; the classifier's pool is one more GlobalAveragePool.
-    assert ops["GlobalAveragePool"] == n + 1 and ops["Sigmoid"] == n and ops["Mul"] == 2 * n
+    # Per SE: GlobalAveragePool, two 1x1 Conv, Sigmoid, Add (g + g: the gate scale 2, on the
+    # small gate), Mul by the map, Add of the skip; the classifier's pool is one more
+    # GlobalAveragePool, and resnet18's own 8 residual Adds are SE's now.
+    assert ops["GlobalAveragePool"] == n + 1 and ops["Sigmoid"] == n and ops["Mul"] == n and ops["Add"] == 2 * n
     assert ops["Conv"] == 20 + 2 * n and ops["Gemm"] == 1  # resnet18's 20 convs and its fc
     assert "ReduceMean" not in ops and "Cast" not in ops and "Unsqueeze" not in ops
 
