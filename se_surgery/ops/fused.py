@@ -131,8 +131,8 @@ def scale_join(x: Tensor, g: Tensor, skip: Tensor | None, relu: bool, out: Tenso
         >>> scale_join(x, torch.full((1, 2, 1, 1), 2.0), skip, relu=True).flatten().tolist()
         [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     """
-    if g.dtype != x.dtype:  # an fp32 MLP under a low-precision map (autocast); no Cast node otherwise
-        g = g.to(x.dtype)
+    if isinstance(g, Tensor) and g.dtype != x.dtype:  # an fp32 MLP under a low-precision map (autocast)
+        g = g.to(x.dtype)  # (no Cast node in an export otherwise; an fx Proxy promotes as it runs)
     if out is None:
         y = x * g if skip is None else skip + x * g if onnx else torch.addcmul(skip, x, g)
     elif skip is None:
