@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,9 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     where = _LAZY.get(name)
     if where is None:
+        # A submodule (se_surgery.sweep, se_surgery.ops, ...), as when the package imported them all.
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module 'se_surgery' has no attribute {name!r}")
     value = getattr(importlib.import_module(where, __name__), name)
     globals()[name] = value  # the next lookup is a plain attribute
