@@ -180,6 +180,20 @@ def _quartiles(xs: list[float]) -> tuple[float, float]:
     return (q[0], q[2])
 
 
+def _patch_each(base: nn.Module, rules: Sequence, labels: list[str], size: tuple[int, int, int]):
+    """{label: patched copy with gates off the identity}, {label: MACs ratio to the base}."""
+    import se_surgery
+
+    patched, macs = {}, {}
+    for label, r in zip(labels, rules):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a rule selecting no site warns; the row shows ratio ~1
+            patched[label] = move_gates_off_identity(se_surgery.apply(base, r, input_size=size)).eval()
+            rep = se_surgery.report(base, r, input_size=size)
+        macs[label] = (rep.base_macs + rep.added_macs) / rep.base_macs
+    return patched, macs
+
+
 def bench(model: nn.Module, rules: Sequence = ("all_stages",), *, runtimes: Sequence[str] = ("eager",),
           batches: Sequence[int] = (1,), threads: int | None = 1, input_size: int | tuple[int, int] | None = None,
           rounds: int = 20, warmup: int = 3, names: Sequence[str] | None = None,
@@ -200,8 +214,6 @@ def bench(model: nn.Module, rules: Sequence = ("all_stages",), *, runtimes: Sequ
         >>> [(r.rules, r.runtime, r.batch) for r in rows], rows[0].macs_ratio > 1
         ([('late_stages', 'eager', 1)], True)
     """
-    import se_surgery
-
     check_runtimes(runtimes)
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {clock!r}")
@@ -214,13 +226,7 @@ def bench(model: nn.Module, rules: Sequence = ("all_stages",), *, runtimes: Sequ
                                                      enumerate(rules)]
     base = copy.deepcopy(model).eval()
     size = (3, hw[0], hw[1])
-    patched, macs = {}, {}
-    for label, r in zip(labels, rules):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            patched[label] = move_gates_off_identity(se_surgery.apply(base, r, input_size=size)).eval()
-            rep = se_surgery.report(base, r, input_size=size)
-        macs[label] = (rep.base_macs + rep.added_macs) / rep.base_macs
+    patched, macs = _patch_each(base, rules, labels, size)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)  # the measurement's own setting, restored below
