@@ -1,4 +1,4 @@
-"""Command line: ``se-surgery sites|plan|report|check|presets``.
+"""Command line: ``se-surgery sites|plan|report|check|presets|bench|sweep``.
 
 Only this module looks models up by name. Every expected failure (bad model name,
 missing or unreadable file, invalid rules, an output that cannot be written) prints one
@@ -349,13 +349,36 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_presets(args) -> int:
-    from .rules import preset_summaries
+    from .shipped import preset_summaries
 
     summaries = preset_summaries()
     width = max(map(len, summaries))
     for name, line in summaries.items():
         print(f"{name:<{width}}  {line}")
     return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import bench, check_runtimes, format_rows
+
+    runtimes = args.runtime or ["eager"]
+    check_runtimes(runtimes)  # a missing runtime fails in one line before any model is built
+    model = _model(args)
+    size = args.input_size if args.input_size is None or isinstance(args.input_size, int) else args.input_size[-2:]
+    rows = bench(model, args.rules or ["all_stages"], runtimes=runtimes, batches=args.batch or [1],
+                 threads=args.threads, input_size=size, rounds=args.rounds, clock=args.clock)
+    print(format_rows(rows, args.format))
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to 100000, got {value}")
+    return value
 
 
 def _size(text: str):
@@ -443,6 +466,21 @@ def _cmd_sweep(args) -> int:
     from .train import load_base_weights, load_data, seed_everything
 
     shard = sweep.parse_shard(args.trial)  # a bad --trial fails before any data or model is loaded
+    config = sweep.SweepConfig(
+        model=args.model, weights=args.weights, pretrained=args.pretrained, data=args.data, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, se_lr=args.se_lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, freeze_base=args.freeze_base)
+    grid = {"rules": args.rules or ["all_stages"], "variants": args.variant or [None], "ratios": args.ratio or [None],
+            "modules": args.module or [None], "seeds": args.seeds, "out": args.out, "shard": shard}
+    if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):  # one process: it alone reads the results
+        size = args.input_size or (32 if args.data == "digits" else 224)  # as load_data defaults
+        records = sweep.finished(config, input_size=(3, size, size), **grid)
+        if records is not None:  # nothing left to run: the summary, without a model or data
+            print(f"skipped {len(records)} finished trial(s) (already in {args.out}); nothing left to run\n")
+            print(sweep.table(records))
+            if args.plot:
+                sweep.plot(records, args.plot)
+            return 0
     data = load_data(args.data, args.input_size, workers=args.workers)
     # The fresh head (and a base without weights) must be the same in every run and every
     # shard: trial keys promise that a finished trial would come out the same again.
@@ -450,13 +488,7 @@ def _cmd_sweep(args) -> int:
     model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
     if args.weights:
         load_base_weights(model, args.weights, log=lambda m: print(m, file=sys.stderr))
-    config = sweep.SweepConfig(
-        model=args.model, weights=args.weights, pretrained=args.pretrained, data=args.data, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, se_lr=args.se_lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, freeze_base=args.freeze_base)
-    sweep.run(model, data, config, rules=args.rules or ["all_stages"], variants=args.variant or [None],
-              ratios=args.ratio or [None], modules=args.module or [None], seeds=args.seeds, out=args.out,
-              shard=shard, device=args.device, plot=args.plot)
+    sweep.run(model, data, config, device=args.device, plot=args.plot, latency=args.latency, **grid)
     return 0
 
 
@@ -498,6 +530,9 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=4, help="data loader workers (ImageFolder only)")
     p.add_argument("--out", default="sweep.jsonl", help="JSON lines file, appended to (default sweep.jsonl)")
     p.add_argument("--plot", metavar="FILE.png", help="accuracy against added parameters, with the Pareto front")
+    p.add_argument("--latency", action="store_true",
+                   help="also measure each setting's eager CPU latency ratio to the base (batch 1, one thread) and "
+                        "record it as latency_ratio")
     p.add_argument("--trial", metavar="I/N", default=None,
                    help="run only every N-th trial starting at I (0 <= I < N), to share a sweep between machines")
     p.set_defaults(fn=_cmd_sweep)
@@ -700,6 +735,29 @@ def parser() -> argparse.ArgumentParser:
         description="List the rule presets shipped with se-surgery; pass a name to --rules or 'check'.",
         epilog=_examples("se-surgery presets", "se-surgery plan resnet50 --rules no_last_stage"))
     p.set_defaults(fn=_cmd_presets)
+
+    p = sub.add_parser(
+        "bench", help="latency of the base and each rule set on each runtime", formatter_class=_Help,
+        description="Time MODEL and MODEL patched by each RULES (SE gates moved off the identity) on each runtime, "
+                    "the candidates interleaved round by round; prints the median paired ratio to the base with its "
+                    "spread (quartiles), the median times and the MACs ratio: what MACs do not say.",
+        epilog=_examples("se-surgery bench resnet50", "se-surgery bench resnet50 --rules all_stages --rules "
+                         "late_stages --runtime eager --runtime onnxruntime --batch 1 --batch 8",
+                         "se-surgery bench resnet50 --runtime openvino --format json > bench.json",
+                         "", "onnxruntime and openvino are optional: pip install 'se-surgery[onnx]' or "
+                         "'se-surgery[openvino]'. See docs/performance.md."))
+    model_args(p)
+    p.add_argument("--rules", action="append", metavar="RULES",
+                   help="rules file or preset; repeat to compare (default all_stages)")
+    p.add_argument("--runtime", action="append", choices=("eager", "compile", "onnxruntime", "openvino"),
+                   help="where to run; repeatable (default eager)")
+    p.add_argument("--batch", action="append", type=_positive, metavar="N", help="batch size; repeatable (default 1)")
+    p.add_argument("--threads", type=_positive, default=1, metavar="N", help="intra-op threads (default 1)")
+    p.add_argument("--rounds", type=_positive, default=20, metavar="N", help="interleaved rounds (default 20)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or the process's CPU time (steadier on a shared machine; use with --threads 1)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    p.set_defaults(fn=_cmd_bench)
 
     _add_sweep_parser(sub)
     _add_search_parser(sub)

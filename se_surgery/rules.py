@@ -33,7 +33,6 @@ import dataclasses
 import difflib
 import errno
 import fnmatch
-import importlib.resources
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -45,6 +44,7 @@ import yaml
 from . import modules
 from .errors import MissingFileError, ModuleError, RuleError
 from .modules import DIVISOR_RANGE, MIN_HIDDEN_RANGE, RATIO_RANGE
+from .shipped import _preset_dir, preset_names, preset_summaries
 
 __all__ = [
     "DIVISOR_RANGE",
@@ -265,39 +265,6 @@ class Rules:
 
 
 # ---------------------------------------------------------------- presets and files
-
-
-def _preset_dir():
-    # A checkout (imported from PYTHONPATH, or another worktree beside an editable install)
-    # reads its own rules/; an installed wheel reads the packaged presets.
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / "rules" / "all_stages.yaml").is_file():
-        return checkout / "rules"
-    return importlib.resources.files("se_surgery.presets")
-
-
-def preset_names() -> list[str]:
-    """Names of the presets shipped with the package.
-
-    Example:
-        >>> "all_stages" in preset_names()
-        True
-    """
-    return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
-
-
-def preset_summaries() -> dict[str, str]:
-    """One line per shipped preset: the first comment line of its YAML, after ``name:``.
-
-    Example:
-        >>> preset_summaries()["all_stages"]
-        "SE on every residual join (the paper's SE-ResNet, ~10 % more parameters)"
-    """
-    out = {}
-    for name in preset_names():
-        first = (_preset_dir() / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[0]
-        out[name] = first.lstrip("# ").removeprefix(f"{name}:").strip()
-    return out
 
 
 def _short(text: str, limit: int = 80) -> str:

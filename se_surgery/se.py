@@ -7,11 +7,10 @@ with 1x1 convolutions as FCs so the parameter count matches timm's ``SEModule``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .ops.fused import _se_join as _se_join_op
-from .ops.fused import se_join_into
+from .ops.fused import gate_of, scale_join, se_join_into, squeeze_map
 
 # torch.compiler.is_exporting is newer than torch.library.custom_op (2.4).
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
@@ -119,8 +118,8 @@ class SqueezeExcite(nn.Module):
 
     ``forward(x)`` returns ``x * gate(x)``; ``forward(x, skip)`` returns
     ``skip + x * gate(x)``, which is how the ``standard`` variant closes a residual join;
-    ``act="relu"`` folds the join's activation in. The whole SE is one
-    ``se_surgery::se_join`` op (:mod:`se_surgery.ops`).
+    ``act="relu"`` folds the join's activation in. On CUDA the whole SE is one
+    ``se_surgery::se_join`` op (:mod:`se_surgery.ops`); elsewhere aten ops (:meth:`runs_op`).
 
     Example:
         >>> se = SqueezeExcite(64, ratio=16)
@@ -207,34 +206,15 @@ class SqueezeExcite(nn.Module):
             + (f", act={self.act_name!r}" if self.act_name != "relu" else "")
         )
 
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        dims = (2, 3) if self.channel_dim == 1 else (1, 2)
-        if self.squeeze == "avg":
-            s = x.mean(dims, keepdim=True)
-        elif self.squeeze == "max":
-            s = x.amax(dims, keepdim=True)
-        else:
-            s = 0.5 * (x.mean(dims, keepdim=True) + x.amax(dims, keepdim=True))
-        if self.channel_dim == -1:
-            s = s.permute(0, 3, 1, 2)
-        return s
-
-    def _excite(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate before ``gate_scale``, shaped (N, C) -> broadcastable against ``x``.
-
-        The FCs are 1x1 convs on a 1x1 map, so they run as ``F.linear`` on the flattened
-        squeeze with the same weights (one GEMM each instead of a convolution).
-        """
-        s = self._pool(x).flatten(1)
-        z = F.linear(s, self.fc1.weight.flatten(1), self.fc1.bias)
-        z = F.linear(self.act(z), self.fc2.weight.flatten(1), self.fc2.bias)
-        g = torch.sigmoid(z) if self.gate_fn == "sigmoid" else F.hardsigmoid(z)
-        return g[:, :, None, None] if self.channel_dim == 1 else g[:, None, None, :]
-
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-channel gate, shaped to broadcast against ``x``."""
-        g = self._excite(x)
-        return g * self.gate_scale if self.gate_scale != 1.0 else g
+        """The per-channel gate times ``gate_scale``, shaped to broadcast against ``x``.
+
+        ``fc1``, ``act`` and ``fc2`` run as modules: their hooks, ``torch.jit.trace`` (and
+        so fvcore) and module-hook counters such as ptflops see two ``Conv2d``.
+        """
+        s = squeeze_map(x, self.channel_dim, self.squeeze, _onnx_exporting())
+        g = gate_of(self.fc2(self.act(self.fc1(s))), self.gate_fn, self.gate_scale)
+        return g if self.channel_dim == 1 else g.permute(0, 2, 3, 1)
 
     # The inserted-module protocol (se_surgery.modules.ChannelAttention).
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,7 +229,7 @@ class SqueezeExcite(nn.Module):
         """Whether the module computes exactly its input (for every input)."""
         return self.gate_scale == 2.0 and not any(bool(t.any()) for t in self.identity_tensors())
 
-    #: False selects the pre-fused composite path (aten ops only); the benchmarks compare both.
+    #: False keeps the op out even on CUDA (the composite below everywhere); benchmarks compare both.
     use_fused: bool = True
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, inplace: bool = False,
@@ -263,63 +243,62 @@ class SqueezeExcite(nn.Module):
                 is written into ``x`` (no new activation).
             act: None or ``"relu"``: the join's activation, folded into the same pass.
 
-        One ``se_surgery::se_join`` op computes everything on CUDA (Triton kernels), and
-        under ``torch.export``, ``torch.jit.trace`` and fake tensors. Off the GPU, eager
-        inference and training, ``torch.compile`` and ONNX export take the equivalent aten
-        composite (as fast or faster there, and bit-exact with the original at identity
-        init), as does ``use_fused = False``.
+        Which implementation runs is decided in one place, :meth:`runs_op`.
         """
         if act is not None and act != "relu":
             raise ValueError("act must be None or 'relu', got '" + act + "'")  # (TorchScript has no !r)
-        if torch.jit.is_scripting():
-            return self._forward_composite(x, skip, inplace, act is not None)  # no custom-op Python in TorchScript
-        return self._forward_fused(x, skip, inplace, act)
+        if not torch.jit.is_scripting() and self.runs_op(x):  # (TorchScript compiles no call of runs_op)
+            return self._op(x, skip, inplace, act)
+        g = self.gate(x)
+        out = x if _may_write_into(x, skip, inplace) else None
+        return scale_join(x, g, skip, act is not None, out, _onnx_exporting())
 
     @torch.jit.unused
-    def _forward_fused(self, x: torch.Tensor, skip: torch.Tensor | None, inplace: bool,
-                       act: str | None) -> torch.Tensor:
-        if (not self.use_fused or self.act_name != "relu" or torch.onnx.is_in_onnx_export()
-                or (torch.compiler.is_compiling() and not _is_exporting() and x.device.type != "cuda")):
-            # ONNX needs standard ops. Compiling for the CPU, Inductor fuses the composite into
-            # the neighbouring norm and add kernels, which no opaque op can match (measured: 1.18
-            # against 1.03 x the base); on CUDA the op's Triton kernels win, and export keeps it.
-            return self._forward_composite(x, skip, inplace, act is not None)
+    def runs_op(self, x):
+        """Whether this call runs the ``se_surgery::se_join`` op instead of the aten composite.
+
+        The op only for CUDA maps (its Triton kernels), in eager mode and under
+        ``torch.compile``. Everywhere else the composite of :meth:`forward`, each choice
+        measured or needed:
+
+        - CPU eager inference: the op's CPU kernel is the same aten ops (0.99-1.01x) but
+          summed in another order, and identity init must be exact.
+        - CPU eager training: autograd over the composite beat the op's fused backward
+          (resnet50 batch 1: 1.04 against 1.07 x the base; the custom op's Python dispatch).
+        - ``torch.compile`` for the CPU: Inductor fuses the composite into the neighbouring
+          kernels (1.03 x the compiled base; the opaque op 1.18).
+        - ``torch.export``: a ``.pt2`` of aten ops loads where se-surgery is not installed.
+        - ``torch.jit.trace`` / ``script``, ONNX export: standard ops that fvcore counts and
+          ONNX Runtime and OpenVINO fuse (GlobalAveragePool, 1x1 Conv, Sigmoid, Mul, Add).
+        - An excitation other than ReLU (the op computes ReLU) and ``use_fused = False``.
+        """
+        return (isinstance(x, torch.Tensor) and x.device.type == "cuda" and self.use_fused and type(self.act) is nn.ReLU
+                and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting()))
+
+    @torch.jit.unused
+    def _op(self, x: torch.Tensor, skip: torch.Tensor | None, inplace: bool, act: str | None) -> torch.Tensor:
         fc1, fc2 = self.fc1, self.fc2
         args = (fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.channel_dim, self.squeeze, self.gate_fn,
                 float(self.gate_scale), act or "none")
-        if torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing() or type(x) is not torch.Tensor:
-            return _se_join_op(x, skip, *args)
-        if torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad or fc2.weight.requires_grad
-                                        or (skip is not None and skip.requires_grad)):
-            if x.device.type == "cuda":
-                return _se_join_op(x, skip, *args)
-            # Eager training off the GPU: autograd over the composite measured as fast as the
-            # op's fused backward on big maps and faster on small ones, where the custom op's
-            # Python dispatch (forward and backward) dominates (resnet50 batch 1: 1.04 vs 1.07).
-            return self._forward_composite(x, skip, inplace, act is not None)
-        if x.device.type != "cuda":
-            # Eager inference off the GPU: the composite. The op's CPU kernel measured the
-            # same speed (0.99-1.01x), but its different summation order left outputs ~1e-7
-            # off the original in 3 of 193 zoo models, and identity init must be exact.
-            return self._forward_composite(x, skip, inplace, act is not None)
-        # Eager and nothing needs a gradient: the op's own kernels, called without the
-        # dispatcher (which costs about 20 us a call in Python).
-        # With ``inplace`` the branch is a fresh tensor only this join reads (decided at
-        # insertion): the result is written there, no new activation.
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, skip, fc1.weight, fc2.weight))
+        if torch.compiler.is_compiling() or needs_grad or type(x) is not torch.Tensor:
+            return _se_join_op(x, skip, *args)  # through the dispatcher: autograd, Dynamo, fake tensors
+        # Eager inference: the op's kernels without the dispatcher (about 20 us of Python a
+        # call). With ``inplace`` the branch is a fresh tensor only this join reads.
         into = x if inplace and (skip is None or skip.dtype == x.dtype) else None
         return se_join_into(into, x, skip, *args)
 
-    def _forward_composite(self, x: torch.Tensor, skip: torch.Tensor | None, inplace: bool,
-                           relu: bool) -> torch.Tensor:
-        if skip is None:
-            y = x * self.gate(x)
-            return torch.relu_(y) if relu else y
-        # skip + x * gate_scale * g in one pass; gate_scale (2 for identity init) rides
-        # on addcmul's ``value``: 2 * x * 0.5 is exactly x, so identity init stays exact.
-        g = self._excite(x)
-        if (inplace and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing()):
-            y = torch.addcmul(skip, x, g, value=self.gate_scale, out=x)
-        else:
-            y = torch.addcmul(skip, x, g, value=self.gate_scale)
-        return torch.relu_(y) if relu else y
+
+def _onnx_exporting() -> bool:
+    if not torch.jit.is_scripting():
+        return torch.onnx.is_in_onnx_export()
+    return False
+
+
+def _may_write_into(x: torch.Tensor, skip: torch.Tensor | None, inplace: bool) -> bool:
+    # Only eager inference may reuse x: autograd needs it, and graphs must stay functional
+    # (an fx Proxy is no Tensor).
+    return (inplace and isinstance(x, torch.Tensor) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and (skip is None or skip.dtype == x.dtype))

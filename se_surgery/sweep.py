@@ -42,6 +42,7 @@ __all__ = [
     "SweepConfig",
     "SweepError",
     "Trial",
+    "finished",
     "overlay",
     "pareto_front",
     "parse_shard",
@@ -304,13 +305,19 @@ def _run_trial(base: nn.Module, trial: Trial, resolved: dict | None, cost: dict,
            "epochs": config.epochs, "steps": steps, "freeze_base": config.freeze_base, "lr": config.lr,
            "se_lr": None if trial.baseline else config.se_lr, "batch_size": config.batch_size, "world": d.world,
            "input_size": list(data.input_size), **drift, "seconds": round(seconds, 3)}
+    if "latency_ratio" in cost:
+        rec["latency_ratio"] = cost["latency_ratio"]
     if agree is not None:
         rec["replicas_agree"] = agree  # DDP kept every rank's copy of the model identical
     return rec
 
 
-def _costs(base: nn.Module, settings: dict, input_size) -> dict:
-    """Validate every setting's plan on the model and price it, before any training."""
+def _costs(base: nn.Module, settings: dict, input_size, latency: bool = False) -> dict:
+    """Validate every setting's plan on the model and price it, before any training.
+
+    ``latency``: also measure each setting's eager CPU latency ratio to the base
+    (:func:`se_surgery.bench.bench`, batch 1, one thread, at the data's input size).
+    """
     # From the modules: the package attribute se_surgery.plan is the submodule once
     # something imports it by that name (pytest's --doctest-modules does).
     from .plan import analyze, plan
@@ -330,13 +337,18 @@ def _costs(base: nn.Module, settings: dict, input_size) -> dict:
             "module": module if module is not None else _one(getattr(o, "module", "se") for o in opts),
             "plan": p,
         }
+        if latency:
+            from .bench import bench
+
+            row = bench(base, [resolved], input_size=tuple(input_size[1:]), rounds=15)[0]
+            out[setting]["latency_ratio"] = row.ratio
     return out
 
 
 def run(model: nn.Module, data: Data, config: SweepConfig, *, rules: Sequence[str], variants: Sequence = (None,),
         ratios: Sequence = (None,), modules: Sequence = (None,), seeds: int = 1, out: str | Path = "sweep.jsonl",
         shard: tuple[int, int] = (0, 1), device: str | None = None, plot: str | None = None,
-        progress: bool | None = None) -> list[dict]:
+        progress: bool | None = None, latency: bool = False) -> list[dict]:
     """Run a sweep over ``model`` (the base, with its head for ``data``; not changed) and return its records.
 
     Every setting is resolved, planned and priced before the first trial trains, so a
@@ -344,6 +356,8 @@ def run(model: nn.Module, data: Data, config: SweepConfig, *, rules: Sequence[st
     ``out``) are skipped. Rank 0 appends one JSON line per trial to ``out``, prints a
     line per trial and, at the end, the markdown :func:`table` of this sweep's records
     (and writes ``plot``). Returns the records of this sweep (this shard's), old and new.
+    ``latency=True`` records each setting's measured eager CPU ``latency_ratio`` to the base
+    (batch 1, one thread; :mod:`se_surgery.bench`) in its trials' records.
 
     Example (two SE settings and the baseline, three optimizer steps each):
         >>> import tempfile, se_surgery
@@ -359,22 +373,10 @@ def run(model: nn.Module, data: Data, config: SweepConfig, *, rules: Sequence[st
         >>> [(r["rules"], r["variant"], r["steps"]) for r in recs]
         [(None, None, 3), ('late_stages', 'standard', 3), ('late_stages', 'pre', 3)]
     """
-    config.check()
-    shard_i, shard_n = shard
-    if not 0 <= shard_i < shard_n:
-        raise SweepError(f"--trial {shard_i}/{shard_n}: expected I/N with 0 <= I < N")
-    if not rules:
-        raise SweepError("no --rules given: name at least one rules file or preset")
-    every = trials(rules, variants, ratios, modules, seeds)
-    mine = every[shard_i::shard_n]
-    settings = {}
-    for t in mine:
-        s = (t.rules, t.variant, t.ratio, t.module)
-        if s not in settings:
-            settings[s] = overlay(t.rules, t.variant, t.ratio, t.module)
+    mine, settings = _plan_trials(config, rules, variants, ratios, modules, seeds, shard)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        costs = _costs(model, settings, data.input_size)
+        costs = _costs(model, settings, data.input_size, latency)
     d = Dist(device)
     try:
         return _sweep(model, data, config, d, mine, settings, costs, Path(out), plot,
@@ -389,8 +391,25 @@ def _tty() -> bool:
     return sys.stderr.isatty()
 
 
-def _sweep(model, data, config, d: Dist, mine: list[Trial], settings: dict, costs: dict, out: Path,
-           plot_path, progress: bool) -> list[dict]:
+def _plan_trials(config: SweepConfig, rules, variants, ratios, modules, seeds: int, shard: tuple[int, int]):
+    """This shard's trials with SE and the resolved rules of each setting (no model needed)."""
+    config.check()
+    shard_i, shard_n = shard
+    if not 0 <= shard_i < shard_n:
+        raise SweepError(f"--trial {shard_i}/{shard_n}: expected I/N with 0 <= I < N")
+    if not rules:
+        raise SweepError("no --rules given: name at least one rules file or preset")
+    mine = trials(rules, variants, ratios, modules, seeds)[shard_i::shard_n]
+    settings: dict = {}
+    for t in mine:
+        s = (t.rules, t.variant, t.ratio, t.module)
+        if s not in settings:
+            settings[s] = overlay(t.rules, t.variant, t.ratio, t.module)
+    return mine, settings
+
+
+def _order_and_keys(mine: list[Trial], settings: dict, config: SweepConfig, input_size, world: int):
+    """Run order (per seed: the baseline, then the trials with SE) and each trial's key."""
     seeds = sorted({t.seed for t in mine})
     baselines = {s: Trial(None, None, None, None, s) for s in seeds}
     order = []
@@ -398,7 +417,33 @@ def _sweep(model, data, config, d: Dist, mine: list[Trial], settings: dict, cost
         order.append(baselines[s])
         order += [t for t in mine if t.seed == s]
     keys = {t: _key(t, config, None if t.baseline else settings[(t.rules, t.variant, t.ratio, t.module)],
-                    data.input_size, d.world) for t in order}
+                    input_size, world) for t in order}
+    return order, keys, baselines
+
+
+def finished(config: SweepConfig, *, rules: Sequence[str], variants: Sequence = (None,), ratios: Sequence = (None,),
+             modules: Sequence = (None,), seeds: int = 1, out: str | Path = "sweep.jsonl",
+             shard: tuple[int, int] = (0, 1), input_size: tuple[int, int, int], world: int = 1) -> list[dict] | None:
+    """The records of a sweep whose every trial is already in ``out`` (in run order), else None.
+
+    Builds no model and loads no data: the trial keys come from the settings alone, so a
+    resumed sweep with nothing left to run answers at once.
+
+    Example:
+        >>> cfg = SweepConfig("timm:test_resnet", "digits", max_steps=3)
+        >>> finished(cfg, rules=["late_stages"], out="/no/such/sweep.jsonl", input_size=(3, 32, 32)) is None
+        True
+    """
+    mine, settings = _plan_trials(config, rules, variants, ratios, modules, seeds, shard)
+    order, keys, _ = _order_and_keys(mine, settings, config, input_size, world)
+    done = {r["key"]: r for r in read_results(out)}
+    return [done[keys[t]] for t in order] if all(keys[t] in done for t in order) else None
+
+
+def _sweep(model, data, config, d: Dist, mine: list[Trial], settings: dict, costs: dict, out: Path,
+           plot_path, progress: bool) -> list[dict]:
+    order, keys, baselines = _order_and_keys(mine, settings, config, data.input_size, d.world)
+    seeds = sorted({t.seed for t in mine})
     done = None
     if d.rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -79,3 +79,11 @@ def test_import_is_light():
     code = "import sys, se_surgery; print('timm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["presets"], ["bench", "--help"]])
+def test_answers_without_importing_torch(args):
+    code = ("import sys; from se_surgery.cli import main; code = main(sys.argv[1:]); "
+            "print('torch' in sys.modules, file=sys.stderr); sys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout and out.stderr.strip() == "False", out.stderr

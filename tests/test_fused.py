@@ -191,13 +191,15 @@ def _module_and_inputs(layout, init="paper", dtype=torch.float32, **kw):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("act", ACTS)
 def test_module_inference_kernel_equals_composite_path(layout, act):
+    # The op's kernel, as the module calls it in CUDA inference, against the module's composite.
     se, x, skip = _module_and_inputs(layout, squeeze="avgmax")
+    args = (se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias, se.channel_dim, se.squeeze, se.gate_fn,
+            se.gate_scale, act or "none")
     with torch.no_grad():
         for s in (None, skip):
-            se.use_fused = False
-            want = se(x, s, act=act)
-            se.use_fused = True
-            torch.testing.assert_close(se(x, s, act=act), want, **TOL[torch.float32])
+            assert not se.runs_op(x)
+            torch.testing.assert_close(fused.se_join_into(None, x, s, *args), se(x, s, act=act),
+                                       **TOL[torch.float32])
 
 
 def test_module_training_on_cpu_takes_autograd_over_the_composite():
@@ -302,12 +304,17 @@ def test_module_compiled_for_cpu_gives_inductor_the_composite():
 
 
 @pytest.mark.parametrize("grad", [True, False])
-def test_export_sees_one_op(grad):
-    m, x = _Block().eval(), torch.randn(2, 6, 4, 4)
-    with torch.set_grad_enabled(grad):
-        ep = torch.export.export(m, (x,))
-    assert [t.split(".")[1] for t in _call_targets(ep.graph_module)] == ["conv2d", "se_join"]
-    torch.testing.assert_close(ep.module()(x), m(x), **TOL[torch.float32])
+def test_export_decomposes_the_module_and_keeps_the_op_when_called(grad):
+    # A .pt2 of the module has aten ops only (it loads without se-surgery); se_join called
+    # directly stays one node.
+    x = torch.randn(2, 6, 4, 4)
+    for block, se_ops in ((_Block().eval(), 0), (_FunctionalBlock().eval(), 1)):
+        with torch.set_grad_enabled(grad):
+            ep = torch.export.export(block, (x,))
+        targets = _call_targets(ep.graph_module)
+        assert sum("se_surgery" in t for t in targets) == se_ops, targets
+        assert [t.split(".")[1] for t in targets].count("conv2d") == 3 - 2 * se_ops  # the block's + two 1x1 FCs
+        torch.testing.assert_close(ep.module()(x), block(x), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("dynamo", [True, False])
@@ -330,13 +337,13 @@ def test_onnx_export_matches_onnxruntime(dynamo):
         torch.testing.assert_close(torch.from_numpy(got), m(x), atol=1e-5, rtol=1e-5)
 
 
-def test_torchscript_scripts_the_composite_and_traces_the_op():
+def test_torchscript_scripts_and_traces_the_composite():
     m, x = _Block().eval(), torch.randn(2, 6, 4, 4)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         scripted, traced = torch.jit.script(m), torch.jit.trace(m, x)
         torch.testing.assert_close(scripted(x), m(x), **TOL[torch.float32])
-        assert "se_surgery::se_join" in str(traced.se.graph)
+        assert "se_surgery::" not in str(traced.se.graph)  # standard ops, which fvcore can count
         torch.testing.assert_close(traced(x), m(x), **TOL[torch.float32])
 
 

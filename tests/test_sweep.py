@@ -107,6 +107,21 @@ def test_rerun_skips_finished_trials(full):
     assert "[1/10]" not in stdout and "| baseline (no SE) |  |  |  | 2 |" in stdout
 
 
+def test_resumed_sweep_with_nothing_left_builds_no_model_and_loads_no_data(full, monkeypatch):
+    out, first, _ = full
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished sweep must not build a model or load data")
+
+    monkeypatch.setattr(cli, "build_for_training", refuse)
+    monkeypatch.setattr("se_surgery.train.load_data", refuse)
+    rc, stdout, _ = run_cli(sweep_args(out, "--seeds", "2"))
+    assert rc == 0
+    assert stdout.startswith("skipped 10 finished trial(s)")
+    table = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert table == [line for line in first.splitlines() if line.startswith("|")]  # the same summary table
+
+
 def test_shards_cover_the_sweep_exactly_once(full, tmp_path):
     out, _, _ = full
     keys = {r["key"] for r in lines(out) if not r["baseline"]}
@@ -205,3 +220,14 @@ def test_a_line_cut_by_an_interruption_runs_that_trial_again(full, tmp_path):
     assert rc == 0 and "skipped 9 finished trial(s)" in stdout and "[10/10]" in stdout
     recs = [json.loads(x) for x in cut.read_text().splitlines()[:9] + cut.read_text().splitlines()[10:]]
     assert [r["key"] for r in recs] == [r["key"] for r in lines(out)]
+
+
+def test_latency_is_recorded_per_setting_when_asked(tmp_path):
+    from se_surgery.train import load_data
+
+    data = load_data("digits", 16)
+    base = build_for_training(MODEL, data.classes)
+    cfg = sweep.SweepConfig(MODEL, "digits", max_steps=1, lr=0.05)
+    recs = sweep.run(base, data, cfg, rules=["late_stages"], out=tmp_path / "r.jsonl", device="cpu", latency=True)
+    assert "latency_ratio" not in recs[0]  # the baseline
+    assert recs[1]["latency_ratio"] > 0 and lines(tmp_path / "r.jsonl")[1]["latency_ratio"] == recs[1]["latency_ratio"]

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["ACTS", "GATES", "SQUEEZES", "composite_backward", "composite_forward", "se_join", "se_join_into"]
+__all__ = ["ACTS", "GATES", "SQUEEZES", "composite_backward", "composite_forward", "gate_of", "scale_join", "se_join",
+           "se_join_into", "squeeze_map"]
 
 SQUEEZES = ("avg", "max", "avgmax")
 GATES = ("sigmoid", "hard_sigmoid")
@@ -53,6 +54,11 @@ def _mat(w: Tensor) -> Tensor:
     return w.view(w.shape[0], -1) if w.dim() != 2 else w
 
 
+def _conv(w: Tensor) -> Tensor:
+    # (out, in) matrices as the (out, in, 1, 1) weights of a 1x1 conv, without a copy.
+    return w if w.dim() == 4 else w.view(*w.shape, 1, 1)
+
+
 def _squeeze(x: Tensor, channel_dim: int, squeeze: str) -> Tensor:
     dims = _dims(channel_dim)
     if squeeze == "avg":
@@ -74,10 +80,72 @@ def _gate(z: Tensor, gate: str) -> Tensor:
     return torch.sigmoid(z) if gate == "sigmoid" else F.hardsigmoid(z)
 
 
+def squeeze_map(x: Tensor, channel_dim: int, squeeze: str, onnx: bool = False) -> Tensor:
+    """The squeeze as an (N, C, 1, 1) map, whatever ``channel_dim``: what 1x1-conv FCs take.
+
+    ``onnx=True`` (under ``torch.onnx.export``) pools with ``adaptive_avg_pool2d``, which the
+    TorchScript exporter writes as ``GlobalAveragePool``: ONNX Runtime keeps that in its
+    blocked NCHWc layout, a ``ReduceMean`` it does not. Eager runs ``mean`` (the same value
+    within rounding, and what the tests of exactness were written against).
+
+    Example:
+        >>> squeeze_map(torch.ones(2, 4, 3, 5), -1, "avg").shape  # an (N, H, W, C) map
+        torch.Size([2, 5, 1, 1])
+    """
+    if channel_dim == -1:
+        x = x.permute(0, 3, 1, 2)  # a view: (N, H, W, C) -> (N, C, H, W), channels-last in memory
+    if squeeze == "max":
+        return x.amax((2, 3), keepdim=True)
+    mean = F.adaptive_avg_pool2d(x, 1) if onnx else x.mean((2, 3), keepdim=True)
+    return mean if squeeze == "avg" else 0.5 * (mean + x.amax((2, 3), keepdim=True))
+
+
+def gate_of(z: Tensor, gate: str, gate_scale: float) -> Tensor:
+    """``gate_scale * gate(z)`` on the excitation's logits: the SE gate.
+
+    The scale rides on the (N, C) gate, never on the map: ``x * (2 * 0.5)`` is exactly
+    ``x``, so identity init stays exact.
+
+    Example:
+        >>> gate_of(torch.zeros(1, 3, 1, 1), "sigmoid", 2.0).flatten().tolist()
+        [1.0, 1.0, 1.0]
+    """
+    g = torch.sigmoid(z) if gate == "sigmoid" else F.hardsigmoid(z)
+    if gate_scale == 2.0:
+        return g + g  # exactly 2 * g, without wrapping 2.0 in a tensor (an aten::_to_copy a call)
+    return g * gate_scale if gate_scale != 1.0 else g
+
+
+def scale_join(x: Tensor, g: Tensor, skip: Tensor | None, relu: bool, out: Tensor | None = None,
+               onnx: bool = False) -> Tensor:
+    """``relu?(skip + x * g)``, or ``x * g`` without a skip: the one pass over the map.
+
+    ``g`` is the gate of :func:`gate_of`, shaped to broadcast against ``x``. ``out`` (a
+    tensor nothing else reads, ``x`` itself included) receives the result. Eager runs one
+    ``addcmul``; ``onnx=True`` writes ``skip + x * g``, which exports as one Mul and one Add
+    (``addcmul`` exports with a third Mul by its ``value`` over the whole map) and computes
+    the same floats.
+
+    Example:
+        >>> x, skip = torch.ones(1, 2, 2, 2), torch.full((1, 2, 2, 2), -3.0)
+        >>> scale_join(x, torch.full((1, 2, 1, 1), 2.0), skip, relu=True).flatten().tolist()
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    """
+    if isinstance(g, Tensor) and g.dtype != x.dtype:  # an fp32 MLP under a low-precision map (autocast)
+        g = g.to(x.dtype)  # (no Cast node in an export otherwise; an fx Proxy promotes as it runs)
+    if out is None:
+        y = x * g if skip is None else skip + x * g if onnx else torch.addcmul(skip, x, g)
+    elif skip is None:
+        y = torch.mul(x, g, out=out)
+    else:
+        y = torch.addcmul(skip, x, g, out=out)
+    return y.relu_() if relu else y
+
+
 def composite_forward(x: Tensor, skip: Tensor | None, w1: Tensor, b1: Tensor | None, w2: Tensor,
                       b2: Tensor | None, channel_dim: int, squeeze: str, gate: str, gate_scale: float,
                       act: str, out: Tensor | None = None) -> Tensor:
-    """The op's CPU implementation: plain aten ops, as few dispatches as the math allows.
+    """The op's CPU implementation: :func:`squeeze_map`, :func:`gate_of`, :func:`scale_join`.
 
     ``out`` (for example ``x`` itself, when nothing else reads it) receives the result; by
     default a new tensor with ``x``'s shape, dtype and memory format is returned.
@@ -89,23 +157,15 @@ def composite_forward(x: Tensor, skip: Tensor | None, w1: Tensor, b1: Tensor | N
         >>> torch.equal(y, x)  # zero fc2 and gate_scale 2: the gate is exactly 1
         True
     """
-    s = _squeeze(x, channel_dim, squeeze)
-    s = s.to(w1.dtype)
-    z = F.linear(s, _mat(w1), b1).relu_()
-    z = F.linear(z, _mat(w2), b2)
-    g = z.sigmoid_() if gate == "sigmoid" else F.hardsigmoid(z, inplace=True)
-    g = _bcast(g.to(x.dtype), channel_dim)
+    s = squeeze_map(x, channel_dim, squeeze).to(w1.dtype)
+    g = gate_of(F.conv2d(F.conv2d(s, _conv(w1), b1).relu_(), _conv(w2), b2), gate, gate_scale)
+    if channel_dim == -1:
+        g = g.permute(0, 2, 3, 1)
     if out is None:
-        # The layout of x (channels_last stays channels_last), exactly as the fake kernel says.
+        # The layout of x (channels_last stays channels_last), exactly as the fake kernel says,
+        # and the dtype ``skip + x * g`` promotes to (a float32 skip, a bfloat16 branch).
         out = torch.empty_like(x, dtype=_out_dtype(x, skip))
-    if skip is None:
-        # gate_scale is folded into the (N, C) gate, never into the big map.
-        torch.mul(x, g.mul_(gate_scale) if gate_scale != 1.0 else g, out=out)
-    else:
-        # skip + gate_scale * x * g in one pass; with identity init (g = 0.5, scale 2)
-        # x * 0.5 * 2 is exactly x, so the result is exactly skip + x.
-        torch.addcmul(skip, x, g, value=gate_scale, out=out)
-    return out.relu_() if act == "relu" else out
+    return scale_join(x, g, skip, act == "relu", out)
 
 
 def composite_backward(grad: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, b1: Tensor | None,
