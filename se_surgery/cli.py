@@ -727,6 +727,15 @@ def _as_flags(message: str) -> str:
     return flag + (":" if word.endswith(":") else "") + sep + rest
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings in the CLI's one-line format (``se-surgery: warning: ...``), not Python's two lines."""
+    from .errors import SESurgeryWarning
+
+    text = " ".join(str(message).split())
+    kind = "" if issubclass(category, SESurgeryWarning) else f"{category.__name__}: "
+    print(f"se-surgery: warning: {kind}{_as_flags(text)}", file=sys.stderr if file is None else file)
+
+
 def _error(message: str) -> None:
     print(f"se-surgery: {message}", file=sys.stderr)
 
@@ -760,7 +769,9 @@ def main(argv=None) -> int:
         if sys.stdout is None:  # started with stdout closed (`se-surgery ... >&-`)
             _error("error: standard output is closed; redirect it to a file or /dev/null")
             return EXIT_USAGE
-        code = args.fn(args)
+        with warnings.catch_warnings():  # restored on return: main() may be called from Python too
+            warnings.showwarning = _show_warning
+            code = args.fn(args)
         sys.stdout.flush()  # a write error must surface here, not at interpreter exit
         return code
     except SESurgeryError as e:

@@ -221,6 +221,20 @@ def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False,
     return plan_from(model, rules, d, strict=strict)
 
 
+def _check_modules(entries: list[PlannedSite]) -> None:
+    """Run every registered module the plan inserts once per shape on the meta device, so that
+    report() and apply() refuse the same factories (built-ins are not run)."""
+    checked = set()
+    for e in entries:
+        if e.selected:
+            opts = e.options.module_options()
+            key = (e.options.module, e.se_channels, e.se_spatial, e.site.channel_dim, repr(opts))
+            if key not in checked:
+                checked.add(key)
+                modules.check_module(e.options.module, e.se_channels, e.se_spatial, opts,
+                                     channel_dim=e.site.channel_dim, site=e.site.name)
+
+
 def plan_from(model: nn.Module, rules: Rules, d: Discovery, *, strict: bool = False,
               entries: list[PlannedSite] | None = None) -> Plan:
     """Validate ``rules`` (or given ``entries``) against a discovery; warn and build the Plan."""
@@ -272,6 +286,7 @@ def plan_from(model: nn.Module, rules: Rules, d: Discovery, *, strict: bool = Fa
                      "scale (ConvNeXt-style, often initialised near 1e-6): a 'standard' SE sits before it, so its "
                      "gradients are scaled by it and it barely moves with a frozen base; 'post' or 'identity' "
                      "place it outside the layer scale")
+    _check_modules(entries)
     if d.untraced:
         listed = "; ".join(f"{p} ({why})" for p, why in d.untraced)
         if strict:

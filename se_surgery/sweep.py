@@ -290,28 +290,34 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 def check_out(path: str | Path) -> None:
-    """Refuse a results file that cannot be read or appended to, before anything trains.
+    """Refuse a results file that cannot be read or appended to, before anything trains (creates nothing).
 
     Example:
-        >>> check_out("/proc/no/such/dir/results.jsonl")  # doctest: +ELLIPSIS
+        >>> import tempfile
+        >>> f = tempfile.mkdtemp() + "/a_file"
+        >>> _ = open(f, "w").write("")
+        >>> check_out(f + "/results.jsonl")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        se_surgery.sweep.SweepError: out '/proc/no/such/dir/results.jsonl': cannot create its folder: ...
+        se_surgery.sweep.SweepError: out '.../a_file/results.jsonl': '.../a_file' is not a folder
     """
     p = Path(path)
     try:
-        if p.exists() and not p.is_file():
-            raise SweepError(f"out {str(path)!r}: not a file (a directory or device); give a results file name")
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SweepError(f"out {str(path)!r}: cannot create its folder: {e.strerror or e}") from None
-        with p.open("a"):
-            pass
-    except SweepError:
-        raise
-    except OSError as e:
-        raise SweepError(f"out {str(path)!r}: cannot write it: {e.strerror or e}") from None
+        if p.exists():
+            if not p.is_file():
+                raise SweepError(f"out {str(path)!r}: not a file (a directory or device); give a results file name")
+            if not os.access(p, os.R_OK | os.W_OK):
+                raise SweepError(f"out {str(path)!r}: no permission to read and append to it")
+            return
+        folder = p.parent
+        while not folder.exists():  # the folders run() will create
+            folder = folder.parent
+        if not folder.is_dir():
+            raise SweepError(f"out {str(path)!r}: {str(folder)!r} is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise SweepError(f"out {str(path)!r}: no permission to write in {str(folder)!r}")
+    except OSError as e:  # a name longer than the file system allows
+        raise SweepError(f"out {str(path)[:120]!r}: {e.strerror or e}") from None
 
 
 def check_data(data: Data) -> None:

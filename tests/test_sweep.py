@@ -148,7 +148,7 @@ def test_freeze_base_baseline_is_the_base_as_loaded(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--trial", "2/2"], "--trial '2/2': expected I/N with 0 <= I < N, such as 0/2 and 1/2"),
     (["--trial", "x"], "--trial 'x': expected I/N with 0 <= I < N"),
-    (["--seeds", "0"], "--seeds 0: must be at least 1"),
+    (["--seeds", "0"], "--seeds 0: must be an integer from 1 to 10,000"),
     (["--data", "/no/such/dir"], "--data '/no/such/dir': not a directory"),
     (["--rules", "no_such_rules"], "no_such_rules"),
     (["--variant", "sideways"], "--rules late_stages with --variant sideways: "),
@@ -164,7 +164,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, message):
 
 def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(se_surgery.SESurgeryError, match=r"--plot needs matplotlib: pip install 'se-surgery\[plot\]'"):
+    with pytest.raises(se_surgery.SESurgeryError, match=r"plot needs matplotlib: pip install 'se-surgery\[plot\]'"):
         sweep.plot([], tmp_path / "p.png")
 
 
@@ -200,7 +200,7 @@ def test_a_line_cut_by_an_interruption_runs_that_trial_again(full, tmp_path):
     cut = tmp_path / "cut.jsonl"
     text = out.read_text()
     cut.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])  # the last record half written
-    with pytest.warns(UserWarning, match=r"cut.jsonl:10: not a trial record, ignored \(that trial runs again\)"):
+    with pytest.warns(UserWarning, match=r"cut.jsonl:10: not a JSON trial record; line ignored \(that trial runs again\)"):
         rc, stdout, _ = run_cli(sweep_args(cut, "--seeds", "2"))
     assert rc == 0 and "skipped 9 finished trial(s)" in stdout and "[10/10]" in stdout
     recs = [json.loads(x) for x in cut.read_text().splitlines()[:9] + cut.read_text().splitlines()[10:]]
