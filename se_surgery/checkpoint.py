@@ -23,7 +23,7 @@ from torch import nn
 
 from ._compat import orig_mod
 from .errors import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError, RuleError, SESurgeryWarning
-from .insert import build_patches
+from .insert import build_patches, copy_model
 from .patch import base_class, swap
 from .plan import PlannedSite, is_patched, plan_from, se_modules
 from .rules import Rules, SEOptions, load_rules
@@ -414,8 +414,6 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
         >>> torch.equal(again(x), tuned(x))
         True
     """
-    import copy
-
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise CheckpointError(f"the checkpoint path must be a file name, got {path!r}")
     path = Path(path)
@@ -445,7 +443,7 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SESurgeryWarning)  # said when the checkpoint was made
         p = plan_from(inner, rules, d, entries=all_entries)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model, "load_se()")
     target_inner, _ = unwrap(target)
     patches = build_patches(target_inner, p)
     made = {(f"{pt.path}.{n}" if pt.path else n): m for pt in patches for n, m in pt.modules.items()}

@@ -12,11 +12,10 @@ The workflow mirrors PEFT's for adapters::
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
 from .errors import NotPatchedError
+from .insert import copy_model
 from .patch import is_patched_module, unpatch
 from .plan import is_patched, se_modules
 
@@ -124,7 +123,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     if not is_patched(model):
         raise _no_se(model, "there is nothing to strip")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model, "strip()")
     seen: set[int] = set()
     for m in list(target.modules()):
         if id(m) not in seen and is_patched_module(m):

@@ -124,6 +124,28 @@ def _insert(graph: fx.Graph, owner: nn.Module, entry: PlannedSite, node: fx.Node
         raise PlanError(f"unknown variant {variant!r}")
 
 
+def copy_model(model: nn.Module, what: str = "apply()") -> nn.Module:
+    """``copy.deepcopy(model)``, or one clear error saying why it cannot be copied and what to do.
+
+    Example:
+        >>> import threading
+        >>> m = nn.Linear(2, 2); m.lock = threading.Lock()
+        >>> copy_model(m)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        se_surgery.errors.ModelTypeError: apply() works on a copy of the model (inplace=False), and Linear cannot be deep-copied: ...
+    """  # noqa: E501 - doctest output must match verbatim
+    try:
+        return copy.deepcopy(model)
+    except (TypeError, RuntimeError, AttributeError, NotImplementedError) as e:  # pickle/copy refusals
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ModelTypeError(
+            f"{what} works on a copy of the model (inplace=False), and {type(model).__name__} cannot be deep-copied: "
+            f"{type(e).__name__}: {first} (an attribute holding a lock, file, stream or process handle?); pass "
+            "inplace=True to change this model itself, or give its class a __deepcopy__ that leaves that "
+            "attribute out") from None
+
+
 def _se_name(owner: nn.Module, k: int, taken: set[str]) -> str:
     base = "se" if k == 1 else f"se_{k}"
     name = base
@@ -246,7 +268,7 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
     if not p.entries:
         raise PlanError(f"nothing to add SE to in {type(model).__name__}: it has no residual, branch-sum or concat "
                         "join (se-surgery sites MODEL -v shows every join and why it is no site)")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     patches = build_patches(target, p)
     swap(target, patches)
     return target

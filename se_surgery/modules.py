@@ -57,8 +57,8 @@ from torch import nn
 from .errors import ModuleError, SESurgeryWarning
 from .se import GATES, INITS, SQUEEZES, SqueezeExcite, hidden_channels
 
-__all__ = ["ENTRY_POINT_GROUP", "check_module", "count_macs", "count_params", "create", "module_names", "option_defaults",
-           "option_names", "register_module", "supports_skip", "validate_options"]
+__all__ = ["ENTRY_POINT_GROUP", "check_module", "count_macs", "count_params", "create", "module_names",
+           "option_defaults", "option_names", "register_module", "supports_skip", "validate_options"]
 
 ENTRY_POINT_GROUP = "se_surgery.modules"
 BUILTIN_NAMES = ("se", "ese", "eca", "gc", "cbam")
@@ -252,7 +252,7 @@ class _Registry:
             try:
                 register_module(ep.name, ep.load())
             except Exception as e:  # noqa: BLE001 - a broken plugin must not break the built-in modules
-                msg = (f"module {who} failed to load, rules cannot use it: {type(e).__name__}: {_first_line(e)}")
+                msg = f"module {who} failed to load: {type(e).__name__}: {_first_line(e)} (rules cannot use it)"
                 self.failed[ep.name] = msg
                 warnings.warn(msg, SESurgeryWarning, stacklevel=4)
 

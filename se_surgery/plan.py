@@ -12,7 +12,7 @@ from torch import nn
 from . import modules
 from .errors import AlreadyPatchedError, ModelTypeError, PlanError, SESurgeryWarning, TraceError
 from .rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
-from .sites import Discovery, Site, discover
+from .sites import Discovery, Site, discover, forward_failed
 
 __all__ = ["Plan", "PlannedSite", "plan", "match", "is_patched", "se_modules", "fingerprint"]
 
@@ -240,8 +240,7 @@ def plan_from(model: nn.Module, rules: Rules, d: Discovery, *, strict: bool = Fa
     """Validate ``rules`` (or given ``entries``) against a discovery; warn and build the Plan."""
     name = type(model).__name__
     if d.stopped and not d.sites:
-        raise TraceError(f"cannot plan for {name}: its forward failed on a fake input of size "
-                         f"{'x'.join(map(str, d.input_size))}: {d.stopped}")
+        raise TraceError(f"cannot plan for {forward_failed(model, d)}")
     notes: list[str] = []
     if entries is None:
         _check_ranges(rules, d.sites, name)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import modules
+from ._compat import orig_mod
 from .errors import PlanError, TraceError
 from .fake import run_copy
 from .plan import Plan, is_patched, plan_from, se_modules
@@ -212,6 +213,9 @@ def report(model: nn.Module, rules=None, *, input_size=None, tracer_kwargs=None)
         >>> r.base_params, r.added_params, round(r.added_params_pct, 2)
         (25557032, 2530992, 9.9)
     """
+    model = orig_mod(model) or model  # torch.compile's wrapper: the model it runs
+    if input_size is None and is_patched(model):  # counted at the size it was patched at
+        input_size = getattr(se_modules(model)[0][1], "se_input_size", None)
     size = resolve_input_size(model, input_size)
     n_params = sum(p.numel() for p in model.parameters())
     if is_patched(model):

@@ -411,6 +411,15 @@ def find_sites(model: nn.Module, input_size=None, *, tracer_kwargs=None) -> list
     """
     d = discover(model, input_size, tracer_kwargs=tracer_kwargs)
     if d.stopped and not d.sites:
-        raise TraceError(f"cannot find the joins of {type(model).__name__}: its forward failed on a fake input of "
-                         f"size {'x'.join(map(str, d.input_size))}: {d.stopped}")
+        raise TraceError(f"cannot find the joins of {forward_failed(model, d)}")
     return d.sites
+
+
+def forward_failed(model: nn.Module, d: Discovery) -> str:
+    """``Net: its forward failed on ...: why; what to do`` for a model discovery could not run."""
+    size = "x".join(map(str, d.input_size))
+    return (f"{type(model).__name__}: its forward failed on a fake input of size {size}: {d.stopped}. Discovery "
+            f"calls forward(x) with one image tensor of shape (1, {size.replace('x', ', ')}); for a forward that "
+            "takes a dict, several inputs or other arguments, wrap the model in a module whose forward(x) calls it "
+            "(return self.model({'image': x})), or fix the other arguments with "
+            "tracer_kwargs={'concrete_args': {...}}")
