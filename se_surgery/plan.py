@@ -294,6 +294,11 @@ def plan_from(model: nn.Module, rules: Rules, d: Discovery, *, strict: bool = Fa
     for msg in notes:
         warnings.warn(msg, SESurgeryWarning, stacklevel=3)
     if d.untraced:  # listed in Plan.untraced; said once here for callers who only see warnings
-        warnings.warn(f"{len(d.untraced)} module(s) of {name} could not be traced, their joins were not searched "
-                      f"(strict=True makes this an error): {listed}", SESurgeryWarning, stacklevel=3)
+        # stacklevel=1: the warning's place is this line, so Python's default filter says it
+        # once per process for one model, not again from every plan/apply/report call.
+        warnings.warn(f"{len(d.untraced)} module(s) of {name} could not be traced as a whole, so joins inside them "
+                      f"were searched only in the submodules that did trace ({len(d.sites)} site(s) found). SE goes "
+                      "only at the sites plan() lists; a join inside an untraced part gets none, which is harmless "
+                      "if those are the sites you want (tracer_kwargs with leaf_modules or concrete_args may let "
+                      f"more trace; strict=True makes this an error): {listed}", SESurgeryWarning, stacklevel=1)
     return Plan(name, d.input_size, rules, entries, list(d.untraced), notes, fingerprint(model), d)
