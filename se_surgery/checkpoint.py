@@ -215,7 +215,9 @@ def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = F
     tmp = None
     try:
         tmp = _open_new(target.parent)
+        mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask, as the kernel applied it
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, mode)  # safetensors writes its own file (0600); the user's umask decides
         os.replace(tmp, target)
     except (OSError, SafetensorError) as e:  # a full disk is a SafetensorError; the user's path, not the temp file's
         why = getattr(e, "strerror", None) or str(e).replace(str(tmp), "the file")

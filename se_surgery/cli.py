@@ -718,7 +718,7 @@ def _as_flags(message: str) -> str:
     """
     word, sep, rest = message.partition(" ")
     flag = _FLAGS.get(word.rstrip(":"))
-    if flag is None or not sep:
+    if flag is None or not sep or rest.startswith("file "):  # "weights file X": the CLI's own wording
         return message
     if word == "rules":  # overlay(): "rules R with variant=pre ratio=8: ..."
         head, colon, tail = rest.partition(": ")

@@ -105,7 +105,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, pattern):
     (["sites", "resnet18", "--input-size", "1x2x3x4"], r"expected N, HxW or CxHxW"),
     (["sites", "resnet18", "--num-classes", "0"], r"--num-classes: expected an integer from 1 to 100,000, got '0'$"),
     (["bogus"], r"invalid choice: 'bogus'"),
-    ([], r"the following arguments are required: COMMAND$"),
 ])
 def test_usage_errors_exit_2_with_argparse_usage(argv, pattern):
     code, out, err = run(argv)
