@@ -529,6 +529,7 @@ def _cmd_sweep(args) -> int:
     sweep.trials(rules, args.variant or [None], args.ratio or [None], args.module or [None], args.seeds)
     if args.plot:
         _check_plot_path(args.plot)
+    sweep.check_input_size(args.input_size)
     if os.environ.get("RANK", "0") == "0":
         sweep.check_out(args.out)
     data = load_data(args.data, args.input_size, workers=args.workers, augment=args.augment)

@@ -54,6 +54,7 @@ __all__ = [
     "table",
     "trials",
     "check_data",
+    "check_input_size",
     "check_out",
 ]
 
@@ -276,7 +277,7 @@ def read_results(path: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line.decode("utf-8"), parse_constant=lambda c: math.nan)
+            rec = json.loads(line.decode("utf-8"), parse_constant=float)  # NaN, Infinity: refused below
             why = _record_problem(rec)
         except UnicodeDecodeError:
             why = "not UTF-8 text"
@@ -320,6 +321,19 @@ def check_out(path: str | Path) -> None:
         raise SweepError(f"out {str(path)[:120]!r}: {e.strerror or e}") from None
 
 
+def check_input_size(size: int | None) -> None:
+    """Refuse a square input size a sweep cannot train at (``None``: the data's default).
+
+    Example:
+        >>> check_input_size(100000)
+        Traceback (most recent call last):
+        ...
+        se_surgery.sweep.SweepError: input_size 100000: must be an integer from 8 to 4096 (pixels a side)
+    """
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= MAX_SIDE):
+        raise SweepError(f"input_size {size!r}: must be an integer from 8 to {MAX_SIDE} (pixels a side)")
+
+
 def check_data(data: Data) -> None:
     """Refuse data a sweep cannot learn from, before anything trains: fewer than two
     classes, an empty split, an input size out of bounds, or images that cannot be read.
@@ -328,8 +342,7 @@ def check_data(data: Data) -> None:
         >>> from se_surgery.train import load_data
         >>> check_data(load_data("digits", 16))
     """
-    if not isinstance(data.size, int) or isinstance(data.size, bool) or not 8 <= data.size <= MAX_SIDE:
-        raise SweepError(f"input_size {data.size!r}: must be an integer from 8 to {MAX_SIDE} (pixels a side)")
+    check_input_size(data.size)
     if data.classes < 2:
         raise SweepError(f"data: {data.classes} class(es); classification needs at least 2")
     for split in ("train", "test"):
