@@ -485,7 +485,10 @@ def check_module(module_name: str, channels: int, spatial: tuple[int, int], opti
     try:
         module = create(module_name, channels, options, channel_dim=channel_dim, device="meta")
     except ModuleError as e:
-        raise ModuleError(f"{where}: {str(e).split(': ', 1)[-1] if str(e).startswith('module ') else e}") from None
+        msg = str(e)
+        for prefix in (f"module {module_name!r}: ", f"module {module_name!r} "):
+            msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+        raise ModuleError(f"{where}: {msg}") from None
     except Exception as e:  # noqa: BLE001 - .to("meta") of whatever the factory made
         raise ModuleError(f"{where}: cannot be moved to the meta device to check it: {type(e).__name__}: "
                           f"{_first_line(e)}") from None
