@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -221,6 +223,24 @@ def plan(model: nn.Module, rules=None, *, input_size=None, strict: bool = False,
     return plan_from(model, rules, d, strict=strict)
 
 
+# Models already told which of their parts could not be traced: plan, apply and report of
+# one model say it once, not once per call. Weak keys: a model's entry goes with the model.
+_TOLD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOLD_LOCK = threading.Lock()
+
+
+def _first_time(model: nn.Module, what: str) -> bool:
+    with _TOLD_LOCK:
+        try:
+            told = _TOLD.setdefault(model, set())
+        except TypeError:  # a model that cannot be weakly referenced: say it every time
+            return True
+        if what in told:
+            return False
+        told.add(what)
+        return True
+
+
 def _check_modules(entries: list[PlannedSite]) -> None:
     """Run every registered module the plan inserts once per shape on the meta device, so that
     report() and apply() refuse the same factories (built-ins are not run)."""
@@ -293,12 +313,10 @@ def plan_from(model: nn.Module, rules: Rules, d: Discovery, *, strict: bool = Fa
                             f"searched: {listed}")
     for msg in notes:
         warnings.warn(msg, SESurgeryWarning, stacklevel=3)
-    if d.untraced:  # listed in Plan.untraced; said once here for callers who only see warnings
-        # stacklevel=1: the warning's place is this line, so Python's default filter says it
-        # once per process for one model, not again from every plan/apply/report call.
+    if d.untraced and _first_time(model, listed):  # listed in Plan.untraced; said once per model
         warnings.warn(f"{len(d.untraced)} module(s) of {name} could not be traced as a whole, so joins inside them "
                       f"were searched only in the submodules that did trace ({len(d.sites)} site(s) found). SE goes "
                       "only at the sites plan() lists; a join inside an untraced part gets none, which is harmless "
                       "if those are the sites you want (tracer_kwargs with leaf_modules or concrete_args may let "
-                      f"more trace; strict=True makes this an error): {listed}", SESurgeryWarning, stacklevel=1)
+                      f"more trace; strict=True makes this an error): {listed}", SESurgeryWarning, stacklevel=3)
     return Plan(name, d.input_size, rules, entries, list(d.untraced), notes, fingerprint(model), d)
