@@ -14,10 +14,13 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import se_surgery
 from se_surgery import cli, sweep
@@ -326,3 +329,46 @@ def test_plot_draws_setting_means_and_their_front(tmp_path, monkeypatch):
     assert drawn["baseline (no SE) (n=2)"][:2] == ([0], [pytest.approx(85.0)])
     assert drawn["a pre r16 (n=2)"][1] == [pytest.approx(87.0)]
     assert lines_drawn == [([0, 20], [pytest.approx(85.0), pytest.approx(94.0)])]  # a stays off the front
+
+
+_damage = st.sampled_from([b"", b"\xff\xfe\x00", b'{"key": 1}', b'{"key": "x", "accuracy": NaN}', b"[" * 5000,
+                           b'{"key": "x", "accuracy": "0.5"}', b"null", b'{"key": "x"}', b"\x00" * 10])
+
+
+@pytest.mark.slow  # each example builds the model and prices the settings: ~1 s
+@settings(max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                               HealthCheck.function_scoped_fixture])
+@given(args=st.lists(st.sampled_from([
+    ["--seeds", "0"], ["--seeds", "2"], ["--seeds", "99999999999"], ["--lr", "nan"], ["--lr", "-1"],
+    ["--lr", "0.05"], ["--input-size", "0"], ["--input-size", "16"], ["--input-size", "100000"],
+    ["--epochs", "0"], ["--batch-size", "-3"], ["--momentum", "inf"], ["--trial", "1/2"], ["--trial", "3/2"],
+    ["--ratio", "8"], ["--ratio", "nan"], ["--ratio", "-1"], ["--variant", "pre"], ["--variant", "sideways"],
+    ["--module", "eca"], ["--module", "nope"], ["--rules", "late_stages"], ["--rules", "no_such"],
+    ["--max-steps", "0"], ["--freeze-base"], ["--workers", "-1"]]), max_size=4),
+    damage=st.lists(_damage, max_size=3), out_kind=st.sampled_from(["file", "dir", "under_a_file"]))
+def test_random_sweeps_exit_0_or_2(tmp_path_factory, monkeypatch, args, damage, out_kind):
+    # Training is replaced by a record of the right form: the property is about arguments,
+    # results files and checks, which all run for real.
+    def fake_trial(base, trial, resolved, cost, data, config, d, key, progress):
+        return {"key": key, "model": config.model, "rules": trial.rules, "variant": cost.get("variant"),
+                "ratio": cost.get("ratio"), "module": cost.get("module"), "seed": trial.seed,
+                "baseline": trial.baseline, "sites": cost["sites"], "added_params": cost["added_params"],
+                "added_macs": cost["added_macs"], "accuracy": 0.5, "seconds": 0.0, "steps": 0}
+
+    monkeypatch.setattr(sweep, "_run_trial", fake_trial)
+    tmp = tmp_path_factory.mktemp("sweep")
+    out = {"file": tmp / "r.jsonl", "dir": tmp, "under_a_file": tmp / "f" / "r.jsonl"}[out_kind]
+    if out_kind == "under_a_file":
+        (tmp / "f").write_text("")
+    else:
+        (tmp / "r.jsonl").write_bytes(b"\n".join(damage))
+    argv = ["sweep", MODEL, "--data", "digits", "--device", "cpu", "--out", str(out)]
+    for a in args:
+        argv += a
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc, _, err = run_cli(argv)
+    assert rc in (0, 2), err
+    assert "internal error" not in err and "Traceback" not in err
+    if rc == 2:
+        assert err.count("\n") == 1 and err.startswith("se-surgery: error: "), err
