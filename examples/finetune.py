@@ -39,7 +39,7 @@ import torch
 
 import se_surgery
 from se_surgery.cli import build_for_training
-from se_surgery.train import Dist, evaluate, load_base_weights, load_data, se_drift, train
+from se_surgery.train import Dist, deterministic, evaluate, load_base_weights, load_data, se_drift, train
 
 
 def fail(msg: str):
@@ -97,7 +97,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="output file (default se.safetensors, or base.safetensors)")
     ap.add_argument("--save-all-ranks", action="store_true",
                     help="every process also writes its own copy, OUT with .rankN before the suffix")
-    ap.add_argument("--workers", type=int, default=4, help="data loader workers (ImageFolder only)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="data loader workers (ImageFolder only; default: the CPUs this process may use)")
+    ap.add_argument("--augment", choices=("none", "flip", "crop"), default="crop",
+                    help="training augmentation of an ImageFolder (crop: random resized crop + flip; flip; none)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads; 1 (default) makes a run repeatable on another machine with the same CPU "
+                         "type (float sums over more threads add in another order); 0 keeps torch's default")
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda where there is one")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -123,8 +129,10 @@ def main(argv=None) -> dict:
 
 
 def _run(args, d: Dist) -> dict:
-    torch.manual_seed(args.seed)
-    data = load_data(args.data, args.image_size, seed=args.seed, workers=args.workers)
+    # Seeds, deterministic algorithms and a fixed thread count: the same command gives the
+    # same weights again (the same torch build and CPU type provided).
+    deterministic(args.seed, threads=args.threads or None)
+    data = load_data(args.data, args.image_size, seed=args.seed, workers=args.workers, augment=args.augment)
     model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
     if args.weights:
         load_base_weights(model, args.weights, log=d.log)
@@ -141,10 +149,12 @@ def _run(args, d: Dist) -> dict:
                       on_epoch=_epoch_report(model, data.test, d, data.workers, None), **kw)
         acc, c, n = evaluate(model, data.test, d, workers=data.workers)
         if d.rank == 0:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()},
-                      args.out)
+            # Written by Python's open(), so the file's mode follows the umask (save_file
+            # writes 0600).
+            Path(args.out).write_bytes(save({k: v.detach().to("cpu", copy=True).contiguous()
+                                             for k, v in model.state_dict().items()}))
         d.barrier()
         d.log(f"accuracy: {acc:.2f}% ({c}/{n} test images) after {steps} steps of base training; "
               f"weights: {args.out}")
