@@ -111,9 +111,7 @@ def _what_is(p: Path) -> str | None:
 
 
 def _check_target(path) -> Path:
-    if path is None or not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise CheckpointError(f"the checkpoint path must be a file name, got {path!r}")
-    p = Path(path)
+    p = _as_path(path)
     what = _what_is(p)
     if what not in (None, "missing"):
         raise CheckpointError(f"{_short(path)} exists and is {what}; give a file name")
@@ -122,6 +120,17 @@ def _check_target(path) -> Path:
     if _what_is(p.parent) != "a directory":
         raise CheckpointError(f"cannot write {_short(path)}: the folder {_short(p.parent)} does not exist")
     return p
+
+
+def _as_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise CheckpointError(f"the checkpoint path must be a file name, got {path!r}")
+    return Path(path)
+
+
+def _is_site_triple(s) -> bool:
+    return (isinstance(s, list) and len(s) == 3 and isinstance(s[0], str) and isinstance(s[1], str)
+            and isinstance(s[2], int) and not isinstance(s[2], bool))
 
 
 def _check_values(model: nn.Module, path, doing: str) -> None:
@@ -349,8 +358,7 @@ def _parse(path: Path, meta: dict):
     except RuleError as e:
         raise CheckpointError(f"{path}: metadata field 'rules' is not valid rules: {e}") from None
     sites = _field(path, meta, "sites", list)
-    if not all(isinstance(s, list) and len(s) == 3 and isinstance(s[0], str) and isinstance(s[1], str)
-               and isinstance(s[2], int) and not isinstance(s[2], bool) for s in sites):
+    if not all(_is_site_triple(s) for s in sites):
         raise CheckpointError(f"{path}: metadata field 'sites' must list [name, kind, channels] triples "
                               "(a string, a string and an integer)")
     raw_plan = _field(path, meta, "plan", list)
@@ -416,9 +424,7 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
         >>> torch.equal(again(x), tuned(x))
         True
     """
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise CheckpointError(f"the checkpoint path must be a file name, got {path!r}")
-    path = Path(path)
+    path = _as_path(path)
     meta, tensors = _read(path)
     size, rules, recorded, entries, include_base = _parse(path, meta)
     inner, _ = unwrap(model)

@@ -110,11 +110,11 @@ class SweepConfig:
                 raise SweepError(f"{name} {v!r}: must be an integer from 1 to {hi:,}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise SweepError(f"max_steps {self.max_steps!r}: must be at least 1 (or left out)")
-        for name, lo, hi in (("lr", 0.0, 1e3), ("se_lr", 0.0, 1e3), ("momentum", 0.0, 1.0),
-                             ("weight_decay", 0.0, 1e3)):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not lo <= v <= hi:
-                raise SweepError(f"{name} {v!r}: must be a finite number from {lo:g} to {hi:g}")
+        for name, lo, top in (("lr", 0.0, 1e3), ("se_lr", 0.0, 1e3), ("momentum", 0.0, 1.0),
+                              ("weight_decay", 0.0, 1e3)):
+            x = getattr(self, name)
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or not lo <= x <= top:
+                raise SweepError(f"{name} {x!r}: must be a finite number from {lo:g} to {top:g}")
 
 
 @dataclass(frozen=True)
