@@ -241,6 +241,19 @@ def _first_time(model: nn.Module, what: str) -> bool:
         return True
 
 
+def _warn_untraced(model: nn.Module, d: Discovery) -> None:
+    if not d.untraced:
+        return
+    listed = "; ".join(f"{p} ({why})" for p, why in d.untraced)
+    if _first_time(model, listed):
+        warnings.warn(f"{len(d.untraced)} module(s) of {type(model).__name__} could not be traced as a whole, so "
+                      f"joins inside them were searched only in the submodules that did trace ({len(d.sites)} "
+                      "site(s) found). SE goes only at the sites plan() lists; a join inside an untraced part gets "
+                      "none, which is harmless if those are the sites you want (tracer_kwargs with leaf_modules or "
+                      f"concrete_args may let more trace; strict=True makes this an error): {listed}",
+                      SESurgeryWarning, stacklevel=4)
+
+
 def _check_modules(entries: list[PlannedSite]) -> None:
     """Run every registered module the plan inserts once per shape on the meta device, so that
     report() and apply() refuse the same factories (built-ins are not run)."""
@@ -313,10 +326,5 @@ def plan_from(model: nn.Module, rules: Rules, d: Discovery, *, strict: bool = Fa
                             f"searched: {listed}")
     for msg in notes:
         warnings.warn(msg, SESurgeryWarning, stacklevel=3)
-    if d.untraced and _first_time(model, listed):  # listed in Plan.untraced; said once per model
-        warnings.warn(f"{len(d.untraced)} module(s) of {name} could not be traced as a whole, so joins inside them "
-                      f"were searched only in the submodules that did trace ({len(d.sites)} site(s) found). SE goes "
-                      "only at the sites plan() lists; a join inside an untraced part gets none, which is harmless "
-                      "if those are the sites you want (tracer_kwargs with leaf_modules or concrete_args may let "
-                      f"more trace; strict=True makes this an error): {listed}", SESurgeryWarning, stacklevel=3)
+    _warn_untraced(model, d)  # listed in Plan.untraced; said once per model for callers who only see warnings
     return Plan(name, d.input_size, rules, entries, list(d.untraced), notes, fingerprint(model), d)

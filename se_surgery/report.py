@@ -174,8 +174,8 @@ class Report:
         parts.append(tabulate(rows, headers=["site", "kind", "stage", "variant", "channels", "hidden",
                                              "params", "MACs"], tablefmt=tf, disable_numparse=True))
         parts += ["", tabulate([[s["stage"], s["sites"], f"{s['params']:,}", f"{s['macs']:,}"] for s in self.stages()],
-                               headers=["stage", "SE sites", "params", "MACs"], tablefmt=tf, disable_numparse=True)]
-        parts += ["", tabulate(self._totals(), headers=["", "base", "added by SE", "added %"], tablefmt=tf,
+                               headers=["stage", "sites", "params", "MACs"], tablefmt=tf, disable_numparse=True)]
+        parts += ["", tabulate(self._totals(), headers=["", "base", "added", "added %"], tablefmt=tf,
                                disable_numparse=True)]
         parts += ["", ("_" + FOOTER + "_") if fmt == "markdown" else FOOTER]
         return "\n".join(parts)
