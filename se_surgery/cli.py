@@ -788,7 +788,9 @@ def main(argv=None) -> int:
         if e.errno == errno.EPIPE:
             _silence_stdout()
             return EXIT_BROKEN_PIPE
-        if e.errno == errno.ENOSPC or getattr(e, "filename", None) is None:
+        if e.errno is None:  # not a system call's error (PIL's UnidentifiedImageError for a damaged image)
+            _error(f"error: {type(e).__name__}: {_short(' '.join(str(e).split()), 200)}")
+        elif e.errno == errno.ENOSPC or getattr(e, "filename", None) is None:
             _silence_stdout()
             _error(f"error: cannot write the output: {e.strerror or e}")
         else:
