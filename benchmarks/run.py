@@ -490,7 +490,7 @@ def bench_runtime(args, device: torch.device) -> str:
     targets = [
         f"- inference, patched / timm seresnet50 <= 1.00: identity {si:.3f} {mark(si <= 1.0)}, "
         f"paper {sp:.3f} {mark(sp <= 1.0)}",
-        f"- inference, patched / base <= {goal:.2f} (issue 12, batch {batch}): identity {pi:.3f} {mark(pi <= goal)}, "
+        f"- inference, patched / base <= {goal:.2f} (batch {batch}): identity {pi:.3f} {mark(pi <= goal)}, "
         f"paper {pp:.3f} {mark(pp <= goal)}; pre-fused composite {pc:.3f}",
         f"- inference, fused / pre-fused composite (identity): {fc:.3f}",
         f"- training step, patched / timm seresnet50: identity {ti:.3f}, paper {tp:.3f}; patched (identity) / base "

@@ -10,10 +10,22 @@ Offline, on the handwritten digits scikit-learn ships (8x8 images, upscaled)::
 
     # 1. a small "pretrained" base model, trained from scratch
     python examples/finetune.py timm:test_resnet --data digits --train-base-only \\
-        --epochs 4 --lr 0.1 --out base.safetensors
-    # 2. add SE and train only the SE modules
+        --epochs 2 --lr 0.1 --out base.safetensors
+    # 2. add SE after every residual join (se_post) and train only the SE modules
     python examples/finetune.py timm:test_resnet --weights base.safetensors --data digits \\
-        --freeze-base --epochs 1 --se-lr 0.05 --out se.safetensors
+        --rules se_post --freeze-base --epochs 4 --se-lr 0.5 --out se.safetensors
+
+With the base frozen, place SE where it can move: ``se_post`` (or ``se_identity``) gates
+the skip path, which carries most of a trained block's signal, and its gates end about
+10 % away from 1; the default ``standard`` placement gates only the residual branch, whose
+output is small next to the skip, so its gates barely move (1.6 %; docs/sweep.md has the
+measurements, over three bases and two seeds each). With ``--freeze-base`` left out, the
+base trains too and any placement works.
+
+Runs are repeatable: every generator is seeded (``--seed``), PyTorch's deterministic
+algorithms are on, and one CPU thread is used (``--threads 1``; a float sum over more
+threads adds in another order). The same command then writes the same weights again on
+the same kind of CPU with the same torch build.
 
 With a network, on your own ImageFolder (``DIR/train`` and ``DIR/val``, or one folder
 split 80/20)::
@@ -39,7 +51,7 @@ import torch
 
 import se_surgery
 from se_surgery.cli import build_for_training
-from se_surgery.train import Dist, evaluate, load_base_weights, load_data, se_drift, train
+from se_surgery.train import Dist, deterministic, evaluate, load_base_weights, load_data, se_drift, train
 
 
 def fail(msg: str):
@@ -97,7 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="output file (default se.safetensors, or base.safetensors)")
     ap.add_argument("--save-all-ranks", action="store_true",
                     help="every process also writes its own copy, OUT with .rankN before the suffix")
-    ap.add_argument("--workers", type=int, default=4, help="data loader workers (ImageFolder only)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="data loader workers (ImageFolder only; default: the CPUs this process may use)")
+    ap.add_argument("--augment", choices=("none", "flip", "crop"), default="crop",
+                    help="training augmentation of an ImageFolder (crop: random resized crop + flip; flip; none)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads; 1 (default) makes a run repeatable on another machine with the same CPU "
+                         "type (float sums over more threads add in another order); 0 keeps torch's default")
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda where there is one")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -123,8 +141,10 @@ def main(argv=None) -> dict:
 
 
 def _run(args, d: Dist) -> dict:
-    torch.manual_seed(args.seed)
-    data = load_data(args.data, args.image_size, seed=args.seed, workers=args.workers)
+    # Seeds, deterministic algorithms and a fixed thread count: the same command gives the
+    # same weights again (the same torch build and CPU type provided).
+    deterministic(args.seed, threads=args.threads or None)
+    data = load_data(args.data, args.image_size, seed=args.seed, workers=args.workers, augment=args.augment)
     model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
     if args.weights:
         load_base_weights(model, args.weights, log=d.log)
@@ -141,10 +161,12 @@ def _run(args, d: Dist) -> dict:
                       on_epoch=_epoch_report(model, data.test, d, data.workers, None), **kw)
         acc, c, n = evaluate(model, data.test, d, workers=data.workers)
         if d.rank == 0:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()},
-                      args.out)
+            # Written by Python's open(), so the file's mode follows the umask (save_file
+            # writes 0600).
+            Path(args.out).write_bytes(save({k: v.detach().to("cpu", copy=True).contiguous()
+                                             for k, v in model.state_dict().items()}))
         d.barrier()
         d.log(f"accuracy: {acc:.2f}% ({c}/{n} test images) after {steps} steps of base training; "
               f"weights: {args.out}")

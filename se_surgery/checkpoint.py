@@ -10,10 +10,10 @@ not made for.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -86,17 +86,42 @@ def _no_se(model: nn.Module, what: str) -> NotPatchedError:
                            "(call se_surgery.apply(model, rules) first)")
 
 
+def _short(path) -> str:
+    text = str(path)
+    return repr(text if len(text) <= 120 else text[:60] + "..." + text[-57:])
+
+
+def _what_is(p: Path) -> str | None:
+    """What a path that is not a regular file is (``"a directory"``), None for a file, or
+    raise :class:`CheckpointError` when it cannot even be looked at (a name too long)."""
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:  # ENAMETOOLONG, ELOOP, EACCES on a folder on the way
+        raise CheckpointError(f"{_short(p)}: cannot look at it: {e.strerror or e}") from None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
 def _check_target(path) -> Path:
-    if path is None or not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise CheckpointError(f"the checkpoint path must be a file name, got {path!r}")
-    p = Path(path)
-    if p.exists() and not p.is_file():
-        raise CheckpointError(f"{str(path)!r} exists and is not a regular file (a directory or device); "
-                              "give a file name")
+    p = _as_path(path)
+    what = _what_is(p)
+    if what not in (None, "missing"):
+        raise CheckpointError(f"{_short(path)} exists and is {what}; give a file name")
     if p.is_symlink():
-        raise CheckpointError(f"{str(path)!r} is a symbolic link; give the file itself")
-    if not p.parent.is_dir():
-        raise CheckpointError(f"cannot write {str(path)!r}: the folder {str(p.parent)!r} does not exist")
+        raise CheckpointError(f"{_short(path)} is a symbolic link; give the file itself")
+    if _what_is(p.parent) != "a directory":
+        raise CheckpointError(f"cannot write {_short(path)}: the folder {_short(p.parent)} does not exist")
     return p
 
 
@@ -132,6 +157,41 @@ def _metadata(inner: nn.Module, prefix: str, mods: list, facts: PlanFacts, inclu
     }
 
 
+def _as_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise CheckpointError(f"the checkpoint path must be a file name, got {path!r}")
+    return Path(path)
+
+
+def _is_site_triple(s) -> bool:
+    return (isinstance(s, list) and len(s) == 3 and isinstance(s[0], str) and isinstance(s[1], str)
+            and isinstance(s[2], int) and not isinstance(s[2], bool))
+
+
+def _check_values(model: nn.Module, path, doing: str) -> None:
+    """Refuse a model whose weights are on the meta device: they have no values to save or load into."""
+    meta = next((n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise CheckpointError(f"cannot {doing} {_short(path)}: {type(model).__name__}'s {meta} is on the meta device "
+                              "(shapes without values); materialise the model first (model.to_empty(device=...) "
+                              "and load its weights)")
+
+
+def _open_new(folder: Path) -> str:
+    """A new, empty file in ``folder`` created with mode 0666 less the umask, as ``open()``
+    would create the checkpoint itself (``mkstemp`` would give 0600)."""
+    import secrets
+
+    for _ in range(100):
+        name = str(folder / f".se-surgery-{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return name
+        except FileExistsError:
+            continue
+    raise OSError(f"cannot create a temporary file in {folder}")
+
+
 def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = False) -> None:
     """Write the SE weights to a safetensors file, with the plan that made them.
 
@@ -160,6 +220,7 @@ def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = F
     mods = inserted_modules(inner)
     if not mods:
         raise _no_se(inner, "there are no SE weights to save")
+    _check_values(inner, path, "save")
     se_ids = {id(p) for _, m, _ in mods for p in m.parameters()}
     trainable = [n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in se_ids]
     if trainable and not include_base:
@@ -173,14 +234,18 @@ def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = F
     keep = state if include_base else {k: v for k, v in state.items() if k in names}
     # Copies: safetensors refuses tensors that share storage, as state_dict views may.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in keep.items()}
+    from safetensors import SafetensorError
+
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".se-surgery-", suffix=".tmp", dir=target.parent)
-        os.close(fd)
+        tmp = _open_new(target.parent)
+        mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask, as the kernel applied it
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, mode)  # safetensors writes its own file (0600); the user's umask decides
         os.replace(tmp, target)
-    except OSError as e:  # the user's path, never the temporary file's, in the message
-        raise CheckpointError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    except (OSError, SafetensorError) as e:  # a full disk is a SafetensorError; the user's path, not the temp file's
+        why = getattr(e, "strerror", None) or str(e).replace(str(tmp), "the file")
+        raise CheckpointError(f"cannot write {_short(path)}: {why}") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -189,17 +254,60 @@ def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = F
 # ------------------------------------------------------------------ reading and checking
 
 
+def is_se_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file written by :func:`save_se` (reads only its header).
+
+    Example:
+        >>> is_se_checkpoint("/no/such/file.safetensors")
+        False
+    """
+    p = Path(path)
+    try:
+        if p.suffix != ".safetensors" or not p.is_file():
+            return False
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            return str((f.metadata() or {}).get("format", "")).startswith("se-surgery/")
+    except Exception:  # noqa: BLE001 - anything unreadable is not an SE checkpoint; its loader says why
+        return False
+
+
+def saved_plan_inputs(path: str | os.PathLike) -> tuple[tuple[int, int, int], Rules]:
+    """The input size and rules an SE checkpoint was planned with, checked as :func:`load_se` checks them.
+
+    Example:
+        >>> import tempfile, torchvision, se_surgery
+        >>> f = tempfile.mkdtemp() + "/se.safetensors"
+        >>> se_surgery.save_se(se_surgery.apply(torchvision.models.resnet18(), "late_stages", input_size=64), f)
+        >>> size, rules = saved_plan_inputs(f)
+        >>> size, rules.source
+        ((3, 64, 64), 'preset late_stages')
+    """
+    p = Path(path)
+    meta, _ = _read(p)
+    size, rules, *_ = _parse(p, meta)
+    return cast(tuple[int, int, int], size), rules
+
+
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
 
-    if not path.is_file():
-        raise MissingFileError(f"SE checkpoint {str(path)!r} not found")
+    what = _what_is(path)
+    if what == "missing":
+        raise MissingFileError(f"SE checkpoint {_short(path)} not found")
+    if what is not None:
+        raise CheckpointError(f"SE checkpoint {_short(path)} is {what}, not a file; give a .safetensors file "
+                              "written by se_surgery.save_se")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"SE checkpoint {_short(path)} is empty (0 bytes); an interrupted copy?")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an se-surgery checkpoint of this version (metadata format "
                               f"{meta.get('format')!r}, expected {FORMAT!r}); write one with se_surgery.save_se")
@@ -213,6 +321,8 @@ def _field(path: Path, meta: dict, key: str, kind: type | tuple):
         value = json.loads(meta[key], parse_constant=lambda c: math.nan)
     except (TypeError, ValueError):
         raise CheckpointError(f"{path}: metadata field {key!r} is not valid JSON") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: metadata field {key!r} is nested too deeply to be a checkpoint's") from None
     if not isinstance(value, kind):
         raise CheckpointError(f"{path}: metadata field {key!r} must be a {getattr(kind, '__name__', kind)}, got "
                               f"{type(value).__name__}")
@@ -283,8 +393,9 @@ def _parse(path: Path, meta: dict):
     except RuleError as e:
         raise CheckpointError(f"{path}: metadata field 'rules' is not valid rules: {e}") from None
     sites = _field(path, meta, "sites", list)
-    if not all(isinstance(s, list) and len(s) == 3 for s in sites):
-        raise CheckpointError(f"{path}: metadata field 'sites' must list [name, kind, channels] triples")
+    if not all(_is_site_triple(s) for s in sites):
+        raise CheckpointError(f"{path}: metadata field 'sites' must list [name, kind, channels] triples "
+                              "(a string, a string and an integer)")
     entries = _entries(path, _field(path, meta, "plan", list))
     include_base = _field(path, meta, "include_base", bool)
     return tuple(size), rules, [tuple(s) for s in sites], entries, include_base
@@ -334,10 +445,11 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
         True
     """
     check_model(model)
-    path = Path(path)
+    path = _as_path(path)
     meta, tensors = _read(path)
     size, rules, recorded, entries, include_base = _parse(path, meta)
     inner, _ = unwrap(model)
+    _check_values(inner, path, "load")
     if is_patched(inner):
         raise AlreadyPatchedError(f"{type(inner).__name__} already has SE from se-surgery; load {path} into a "
                                   "fresh model (or se_surgery.strip(model) first)")
@@ -345,7 +457,7 @@ def load_se(model: nn.Module, path: str | os.PathLike, *, inplace: bool = False)
     if cls != meta.get("model_class"):
         raise CheckpointError(f"{path}: made for a {meta.get('model_class')}, not a {cls}")
     p = _replan(path, inner, discover(inner, size), rules, recorded, entries)
-    target = model if inplace else copy_model(model)
+    target = model if inplace else copy_model(model, "load_se()")
     target_inner, _ = unwrap(target)
     patches = build_patches(target_inner, p)
     made = _made(path, patches, [m for m, _ in entries])

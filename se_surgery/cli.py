@@ -110,13 +110,16 @@ def load_weights(model: nn.Module, path: str, *, hint: str = "") -> None:
         raise MissingFileError(f"weights file {_short(path)!r} is a directory; give a .safetensors or torch.save file")
     if not found:
         raise MissingFileError(f"weights file {_short(path)!r} not found")
-    from .checkpoint import read_tensor_file
+    from .checkpoint import is_se_checkpoint, read_tensor_file
 
+    if is_se_checkpoint(p):
+        raise CheckpointError(f"{_short(path)} is an SE checkpoint (from se_surgery.save_se), not base weights: "
+                              "pass it as --se FILE (and the base weights, if any, as --weights)")
     try:
         state = read_tensor_file(p)
     except Exception as e:  # noqa: BLE001 - any loader failure means the file is not a usable checkpoint
-        raise CheckpointError(
-            f"cannot load weights from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0] if str(e) else "empty or damaged file"
+        raise CheckpointError(f"cannot load weights from {path}: {type(e).__name__}: {first}") from None
     # Check everything before copying: load_state_dict copies the tensors that fit before
     # it raises for the ones that do not, which would leave the model half loaded.
     if not isinstance(state, dict) or not all(
@@ -147,6 +150,15 @@ def _model(args) -> nn.Module:
         hint = "" if args.num_classes else " (a checkpoint with its own classifier needs --num-classes N)"
         load_weights(model, args.weights, hint=hint)
     return model
+
+
+def _saved(args):
+    """``--se FILE``: the model with the SE the checkpoint records, and the input size it was planned at."""
+    from .checkpoint import load_se, saved_plan_inputs
+
+    size, _ = saved_plan_inputs(args.se)  # a bad file fails before the model is built
+    model = load_se(_model(args), args.se, inplace=True)
+    return model, args.input_size or size
 
 
 def _cmd_sites(args) -> int:
@@ -201,11 +213,22 @@ def _cmd_plan(args) -> int:
     from .plan import plan
     from .rules import load_rules
 
-    rules = load_rules(args.rules)  # a bad rules file fails before the model is built
-    model = _model(args)
+    if args.se and args.rules:
+        raise SESurgeryError("--se and --rules: the checkpoint records its own rules; give one of them")
+    size = args.input_size
+    if args.se:  # the plan the checkpoint was made from, checked against the model it loads into
+        from .checkpoint import load_se, saved_plan_inputs
+
+        saved_size, rules = saved_plan_inputs(args.se)  # a bad file fails before the model is built
+        model = _model(args)
+        load_se(model, args.se)  # a copy: refuses a checkpoint made for another model
+        size = size or saved_size
+    else:
+        rules = load_rules(args.rules)  # a bad rules file fails before the model is built
+        model = _model(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        p = plan(model, rules, input_size=args.input_size, strict=args.strict)
+        p = plan(model, rules, input_size=size, strict=args.strict)
     del caught  # the plan lists its own warnings
     print(json.dumps(p.to_dict(), indent=2) if args.format == "json" else _plan_text(p))
     return 0
@@ -220,14 +243,23 @@ def _cmd_report(args) -> int:
     # fails at once rather than after the model is built and counted.
     if args.plot:
         _check_plot_path(args.plot)
-    rules_list = [load_rules(r) for r in args.rules or ["all_stages"]]
-    model = _model(args)
-    analysis = analyze(model, args.input_size)  # one look at the model serves every rule set
+    if args.se and args.rules:
+        raise SESurgeryError("--se and --rules: the checkpoint records its own rules; give one of them")
+    size = args.input_size
+    if args.se:  # the model as it was saved, counted at the size it was patched at
+        model, size = _saved(args)
+        rules_list: list = [None]
+        subject = model
+    else:
+        rules_list = [load_rules(r) for r in args.rules or ["all_stages"]]
+        model = _model(args)
+        subject = analyze(model, size)  # one look at the model serves every rule set
+        size = None  # the analysis has it
     reports, said = [], []
     for r in rules_list:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            reports.append(report(analysis, r))
+            reports.append(report(subject, r, input_size=size))
         said += [str(w.message) for w in caught if str(w.message) not in said]
     for msg in said:  # on stderr, so that --format json|csv output stays parseable
         print(f"se-surgery: warning: {msg}", file=sys.stderr)
@@ -244,7 +276,7 @@ def _compare(reports, fmt: str) -> str:
     """One row per rule set; where the rule sets insert different modules, one column per
     module instead (the metrics as rows), so modules read side by side."""
     mods = ["+".join(dict.fromkeys(s.module for s in r.sites)) or "-" for r in reports]
-    rows = [{"rules": r.rules, "module": m, "SE sites": len(r.sites), "added params": r.added_params,
+    rows = [{"rules": r.rules, "module": m, "sites": len(r.sites), "added params": r.added_params,
              "params %": round(r.added_params_pct, 2), "added MACs": r.added_macs,
              "MACs %": round(r.added_macs_pct, 2)} for r, m in zip(reports, mods)]
     if fmt == "json":
@@ -265,8 +297,9 @@ def _compare(reports, fmt: str) -> str:
     first = reports[0]
     head = f"{first.model} at {'x'.join(map(str, first.input_size))}: base {first.base_params:,} params, " \
            f"{first.base_macs:,} MACs"
-    for r in rows:
+    for r in rows:  # the single report's formats: 1,234 and 9.90 %
         r["added params"], r["added MACs"] = f"{r['added params']:,}", f"{r['added MACs']:,}"
+        r["params %"], r["MACs %"] = f"{r['params %']:.2f} %", f"{r['MACs %']:.2f} %"
     tf = "github" if fmt == "markdown" else "simple"
     if len(set(mods)) > 1:
         heads = [m if mods.count(m) == 1 else f"{m} ({r.rules})" for m, r in zip(mods, reports)]
@@ -444,6 +477,7 @@ def build_for_training(spec: str, num_classes: int, *, pretrained: bool = False)
     model = build_model(spec)  # resolves the name (and names close matches) once for both sources
     if pretrained:
         name = spec.partition(":")[2] if ":" in spec else spec
+        _check_download(model, name, spec)
         try:
             if type(model).__module__.startswith("timm."):
                 import timm
@@ -461,15 +495,71 @@ def build_for_training(spec: str, num_classes: int, *, pretrained: bool = False)
     return model
 
 
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_download(model: nn.Module, name: str, spec: str) -> None:
+    """Fail in seconds, not after a minute of retries, when pretrained weights are neither
+    cached nor reachable."""
+    import torch
+
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    if type(model).__module__.startswith("timm."):
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        repo, url, host = cfg.get("hf_hub_id"), cfg.get("url"), "huggingface.co"
+        if repo:
+            from huggingface_hub import try_to_load_from_cache
+
+            files = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+            if any(isinstance(try_to_load_from_cache(repo, f), str) for f in files):
+                return
+        elif url:
+            if (hub / os.path.basename(url)).is_file():
+                return
+            host = url.split("/")[2]
+        else:
+            return  # timm says itself that it has no weights
+    else:
+        import torchvision
+
+        try:
+            url = torchvision.models.get_model_weights(name).DEFAULT.url
+        except (ValueError, AttributeError, KeyError):
+            return  # torchvision says itself that it has no weights
+        if (hub / os.path.basename(url)).is_file():
+            return
+        host = url.split("/")[2]
+    if not _reachable(host):
+        raise CheckpointError(f"--pretrained: the weights of {spec} are not cached and {host} cannot be reached "
+                              "(no network?); pass a local checkpoint as --weights FILE")
+
+
 def _cmd_sweep(args) -> int:
     from . import sweep
     from .train import load_base_weights, load_data, seed_everything
 
-    shard = sweep.parse_shard(args.trial)  # a bad --trial fails before any data or model is loaded
+    # Everything that can be checked without data or a model is checked first, so that a
+    # typo fails at once rather than after the first trial trained.
+    shard = sweep.parse_shard(args.trial)
     config = sweep.SweepConfig(
         model=args.model, weights=args.weights, pretrained=args.pretrained, data=args.data, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, se_lr=args.se_lr,
         momentum=args.momentum, weight_decay=args.weight_decay, freeze_base=args.freeze_base)
+    config.check()
+    sweep.trials(args.rules or ["all_stages"], args.variant or [None], args.ratio or [None], args.module or [None],
+                 args.seeds)
+    if args.plot:
+        _check_plot_path(args.plot)
+    sweep.check_input_size(args.input_size)
+    if os.environ.get("RANK", "0") == "0":
+        sweep.check_out(args.out)
     grid = {"rules": args.rules or ["all_stages"], "variants": args.variant or [None], "ratios": args.ratio or [None],
             "modules": args.module or [None], "seeds": args.seeds, "out": args.out, "shard": shard}
     if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):  # one process: it alone reads the results
@@ -481,7 +571,8 @@ def _cmd_sweep(args) -> int:
             if args.plot:
                 sweep.plot(records, args.plot)
             return 0
-    data = load_data(args.data, args.input_size, workers=args.workers)
+    data = load_data(args.data, args.input_size, workers=args.workers, augment=args.augment)
+    sweep.check_data(data)
     # The fresh head (and a base without weights) must be the same in every run and every
     # shard: trial keys promise that a finished trial would come out the same again.
     seed_everything(0)
@@ -527,7 +618,12 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--input-size", type=int, default=None, metavar="N",
                    help="square input size (default 32 for digits, else 224)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda where there is one")
-    p.add_argument("--workers", type=int, default=4, help="data loader workers (ImageFolder only)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader workers (ImageFolder only; default: the CPUs this process may use)")
+    p.add_argument("--augment", choices=("none", "flip", "crop"), default="crop",
+                   help="training augmentation of an ImageFolder: crop = random resized crop + flip (ImageNet "
+                        "recipe), flip = resize + centre crop + flip, none = resize + centre crop, as the test "
+                        "images (digits data gets none)")
     p.add_argument("--out", default="sweep.jsonl", help="JSON lines file, appended to (default sweep.jsonl)")
     p.add_argument("--plot", metavar="FILE.png", help="accuracy against added parameters, with the Pareto front")
     p.add_argument("--latency", action="store_true",
@@ -679,6 +775,11 @@ def parser() -> argparse.ArgumentParser:
                        help="build the classifier with N classes, as in a fine-tuned --weights file "
                             "(default: the library's, 1000 for ImageNet models)")
 
+    def se_arg(p):
+        p.add_argument("--se", metavar="FILE",
+                       help="an SE checkpoint from se_surgery.save_se: show the model as it was saved (its rules "
+                            "and input size); base weights, if any, go in --weights")
+
     p = sub.add_parser(
         "sites", help="list the sites where SE can go", formatter_class=_Help,
         description="List every residual join and outer channel concatenation of MODEL, with its stage, block, "
@@ -697,6 +798,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=_examples("se-surgery plan resnet50", "se-surgery plan resnet50 --rules late_stages",
                          "se-surgery plan resnet18 --rules my_rules.yaml --strict --format json"))
     model_args(p)
+    se_arg(p)
     p.add_argument("--rules", default=None, metavar="RULES",
                    help="rules file or preset name ('se-surgery presets' lists them) (default: all_stages)")
     p.add_argument("--strict", action="store_true",
@@ -713,6 +815,7 @@ def parser() -> argparse.ArgumentParser:
                          "se-surgery report resnet50 --format csv > se.csv",
                          "se-surgery report resnet50 --rules all_stages --rules late_stages --plot stages.png"))
     model_args(p)
+    se_arg(p)
     p.add_argument("--rules", action="append", metavar="RULES",
                    help="rules file or preset; repeat to compare placements side by side (default: all_stages)")
     p.add_argument("--format", choices=("table", "markdown", "json", "csv"), default="table",
@@ -764,6 +867,44 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Library errors name the parameter (``lr nan: ...``); the CLI's user typed a flag.
+_FLAGS = {"shard": "--trial", "trial": "--trial", "size": "--input-size", "input_size": "--input-size",
+          "out": "--out", "data": "--data", "data='digits'": "--data digits", "weights": "--weights",
+          "device": "--device", "plot": "--plot", "rules": "--rules", "seeds": "--seeds", "ratios": "--ratio",
+          "lr": "--lr", "se_lr": "--se-lr", "momentum": "--momentum", "weight_decay": "--weight-decay",
+          "epochs": "--epochs", "batch_size": "--batch-size", "max_steps": "--max-steps", "workers": "--workers",
+          "augment": "--augment"}
+
+
+def _as_flags(message: str) -> str:
+    """A library error as the CLI's user reads it: its leading parameter name as the flag.
+
+    Example:
+        >>> _as_flags("lr nan: must be a finite number"), _as_flags("batch_size 0: ...")
+        ('--lr nan: must be a finite number', '--batch-size 0: ...')
+        >>> _as_flags("rules late_stages with variant=pre: ...")
+        '--rules late_stages with --variant pre: ...'
+    """
+    word, sep, rest = message.partition(" ")
+    flag = _FLAGS.get(word.rstrip(":"))
+    if flag is None or not sep or rest.startswith("file "):  # "weights file X": the CLI's own wording
+        return message
+    if word == "rules":  # overlay(): "rules R with variant=pre ratio=8: ..."
+        head, colon, tail = rest.partition(": ")
+        head = " ".join(f"--{w.replace('=', ' ', 1)}" if "=" in w else w for w in head.split(" "))
+        rest = head + colon + tail
+    return flag + (":" if word.endswith(":") else "") + sep + rest
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings in the CLI's one-line format (``se-surgery: warning: ...``), not Python's two lines."""
+    from .errors import SESurgeryWarning
+
+    text = " ".join(str(message).split())
+    kind = "" if issubclass(category, SESurgeryWarning) else f"{category.__name__}: "
+    print(f"se-surgery: warning: {kind}{_as_flags(text)}", file=sys.stderr if file is None else file)
+
+
 def _error(message: str) -> None:
     print(f"se-surgery: {message}", file=sys.stderr)
 
@@ -787,6 +928,9 @@ def main(argv=None) -> int:
         0
     """  # noqa: E501 - doctest output must match verbatim
     try:
+        if not (sys.argv[1:] if argv is None else list(argv)):  # a bare `se-surgery`: say what it does
+            parser().print_help()
+            return EXIT_OK
         try:
             args = parser().parse_args(argv)
         except SystemExit as e:  # --help, --version, or a usage error argparse has printed
@@ -794,11 +938,13 @@ def main(argv=None) -> int:
         if sys.stdout is None:  # started with stdout closed (`se-surgery ... >&-`)
             _error("error: standard output is closed; redirect it to a file or /dev/null")
             return EXIT_USAGE
-        code = args.fn(args)
+        with warnings.catch_warnings():  # restored on return: main() may be called from Python too
+            warnings.showwarning = _show_warning
+            code = args.fn(args)
         sys.stdout.flush()  # a write error must surface here, not at interpreter exit
         return code
     except SESurgeryError as e:
-        _error(f"error: {e}")
+        _error(f"error: {_as_flags(str(e))}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         _error("interrupted")
@@ -810,7 +956,9 @@ def main(argv=None) -> int:
         if e.errno == errno.EPIPE:
             _silence_stdout()
             return EXIT_BROKEN_PIPE
-        if e.errno == errno.ENOSPC or getattr(e, "filename", None) is None:
+        if e.errno is None:  # not a system call's error (PIL's UnidentifiedImageError for a damaged image)
+            _error(f"error: {type(e).__name__}: {_short(' '.join(str(e).split()), 200)}")
+        elif e.errno == errno.ENOSPC or getattr(e, "filename", None) is None:
             _silence_stdout()
             _error(f"error: cannot write the output: {e.strerror or e}")
         else:

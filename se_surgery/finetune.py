@@ -126,7 +126,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     if not is_patched(check_model(model)):
         raise _no_se(model, "there is nothing to strip")
-    target = model if inplace else copy_model(model)
+    target = model if inplace else copy_model(model, "strip()")
     # Every class is worked out first (one derived by another library may be refused),
     # so a refusal leaves even an in-place model whole.
     classes = {id(m): (m, original_class(m)) for m in target.modules() if is_patched_module(m)}

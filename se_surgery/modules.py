@@ -74,9 +74,9 @@ from torch import nn
 from .errors import ModuleError, SESurgeryWarning
 from .se import ACTS, GATES, INITS, RATIO_OF, SQUEEZES, SqueezeExcite, hidden_channels, reduced_channels
 
-__all__ = ["ENTRY_POINT_GROUP", "ChannelAttention", "count_macs", "count_params", "create", "excitation",
-           "is_identity", "module_names", "option_defaults", "option_names", "register_module", "supports_skip",
-           "validate_options"]
+__all__ = ["ENTRY_POINT_GROUP", "ChannelAttention", "check_module", "count_macs", "count_params", "create",
+           "excitation", "is_identity", "module_names", "option_defaults", "option_names", "register_module",
+           "supports_skip", "validate_options"]
 
 ENTRY_POINT_GROUP = "se_surgery.modules"
 BUILTIN_NAMES = ("se", "ese", "eca", "gc", "cbam")
@@ -274,7 +274,7 @@ class _Registry:
             try:
                 register_module(ep.name, ep.load())
             except Exception as e:  # noqa: BLE001 - a broken plugin must not break the built-in modules
-                msg = f"se-surgery module {who} failed to load: {type(e).__name__}: {e}"
+                msg = f"module {who} failed to load: {type(e).__name__}: {_first_line(e)} (rules cannot use it)"
                 self.failed[ep.name] = msg
                 warnings.warn(msg, SESurgeryWarning, stacklevel=4)
 
@@ -464,15 +464,72 @@ def create(module_name: str, channels: int, options: dict, *, channel_dim: int =
         module = spec.factory(int(channels), **opts)
     except ModuleError:
         raise
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a user's factory may raise anything; say which module and why
         raise ModuleError(f"module {module_name!r} ({spec.origin}) could not be built for {channels} channels with "
-                          f"options {options}: {e}") from e
+                          f"options {options}: {type(e).__name__}: {_first_line(e)}") from e
     if not isinstance(module, nn.Module):
         raise ModuleError(f"module {module_name!r}: the factory {spec.origin} returned a {type(module).__name__}, "
                           "not a torch.nn.Module")
     if (device is not None or dtype is not None) and not ({"device", "dtype"} <= spec.takes):
         module = module.to(device=device, dtype=dtype)
     return module
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else "(no message)"
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def check_module(module_name: str, channels: int, spatial: tuple[int, int], options: dict, *, channel_dim: int = 1,
+                 site: str = "?") -> None:
+    """Build a registered module on the meta device and run it once on a fake map of the site's
+    shape; raise :class:`ModuleError` naming the module, the site and what is wrong.
+
+    Plan time calls this for every registered (non built-in) module it would insert, so
+    that :func:`se_surgery.report` and :func:`se_surgery.apply` accept and refuse the same
+    factories, and a factory's bug never surfaces as a raw torch error mid-surgery.
+    Built-ins are exact by construction and not run.
+
+    Example:
+        >>> register_module("halver", lambda channels: nn.Conv2d(channels, channels // 2, 1))
+        >>> check_module("halver", 64, (8, 8), {}, site="layer1.0")
+        Traceback (most recent call last):
+        ...
+        se_surgery.errors.ModuleError: module 'halver' at site layer1.0: maps a (1, 64, 8, 8) float32 input to (1, 32, 8, 8) float32; an inserted module must return the shape and dtype it is given
+    """  # noqa: E501 - doctest output must match verbatim
+    import torch
+
+    spec = _registry().get(module_name)
+    if spec.builtin:
+        return
+    where = f"module {module_name!r} at site {site}"
+    try:
+        module = create(module_name, channels, options, channel_dim=channel_dim, device="meta")
+    except ModuleError as e:
+        msg = str(e)
+        for prefix in (f"module {module_name!r}: ", f"module {module_name!r} "):
+            msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+        raise ModuleError(f"{where}: {msg}") from None
+    except Exception as e:  # noqa: BLE001 - .to("meta") of whatever the factory made
+        raise ModuleError(f"{where}: cannot be moved to the meta device to check it: {type(e).__name__}: "
+                          f"{_first_line(e)}") from None
+    h, w = int(spatial[0]), int(spatial[1])
+    shape = (1, channels, h, w) if channel_dim == 1 else (1, h, w, channels)
+    x = torch.empty(shape, device="meta")
+    try:
+        with torch.no_grad():
+            y = module(x)
+    except NotImplementedError:
+        return  # an op without a meta kernel: the real forward will tell
+    except Exception as e:  # noqa: BLE001 - a user's forward may raise anything
+        raise ModuleError(f"{where}: its forward fails on a {tuple(shape)} float32 input: {type(e).__name__}: "
+                          f"{_first_line(e)}") from None
+    if not isinstance(y, torch.Tensor):
+        raise ModuleError(f"{where}: its forward returns a {type(y).__name__}, not a tensor of the input's shape")
+    if tuple(y.shape) != shape or y.dtype != x.dtype:
+        raise ModuleError(f"{where}: maps a {shape} {str(x.dtype)[6:]} input to {tuple(y.shape)} {str(y.dtype)[6:]}; "
+                          "an inserted module must return the shape and dtype it is given")
 
 
 def supports_skip(module: nn.Module) -> bool:

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from ._compat import exec_source, format_import_block, pytree_info
-from .errors import SESurgeryError, TraceError
+from .errors import ModelTypeError, SESurgeryError, TraceError
 
 __all__ = ["OwnerPatch", "patched_class", "copy_model", "swap", "unpatch", "original_class", "is_patched_module",
            "base_class", "generated_class"]
@@ -183,15 +183,32 @@ def base_class(m: nn.Module) -> type:
     return cast(Any, gen)._se_surgery_base if gen is not None else type(m)
 
 
-def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)`` in the train/eval mode of each of ``model``'s modules.
+def copy_model(model: nn.Module, what: str = "apply()") -> nn.Module:
+    """``copy.deepcopy(model)`` in the train/eval mode of each of ``model``'s modules, or one
+    clear error saying why it cannot be copied and what to do.
 
     Some classes' own ``__deepcopy__`` resets the mode: torchvision's ``DualGraphModule``
     (``create_feature_extractor``) comes back in train mode. Where a module's mode differs
     from the original's, its own ``train()`` sets it (so a DualGraphModule takes the graph
     of that mode), outer modules first.
-    """
-    new = copy.deepcopy(model)
+
+    Example:
+        >>> import threading
+        >>> m = nn.Linear(2, 2); m.lock = threading.Lock()
+        >>> copy_model(m)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        se_surgery.errors.ModelTypeError: apply() works on a copy of the model (inplace=False), and Linear cannot be deep-copied: ...
+    """  # noqa: E501 - doctest output must match verbatim
+    try:
+        new = copy.deepcopy(model)
+    except (TypeError, RuntimeError, AttributeError, NotImplementedError) as e:  # pickle/copy refusals
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ModelTypeError(
+            f"{what} works on a copy of the model (inplace=False), and {type(model).__name__} cannot be deep-copied: "
+            f"{type(e).__name__}: {first} (an attribute holding a lock, file, stream or process handle?); pass "
+            "inplace=True to change this model itself, or give its class a __deepcopy__ that leaves that "
+            "attribute out") from None
     modes = {name: m.training for name, m in model.named_modules()}
     for name, m in new.named_modules():
         if name in modes and m.training != modes[name]:

@@ -13,7 +13,7 @@ from ._checks import check_model
 from .errors import AlreadyPatchedError, PlanError, SESurgeryWarning, TraceError
 from .record import inserted_modules, is_patched
 from .rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
-from .sites import Analysis, Site, analysis_of, discover, fingerprint
+from .sites import Analysis, Site, analysis_of, discover, fingerprint, forward_failed
 
 __all__ = ["Plan", "PlannedSite", "analyze", "plan", "match", "check_unpatched", "check_plan", "se_modules"]
 
@@ -249,6 +249,20 @@ def plan(model: nn.Module | Analysis, rules=None, *, input_size=None, strict: bo
     return plan_from(rules, analysis_of(model, input_size, tracer_kwargs), strict=strict)
 
 
+def _check_modules(entries: list[PlannedSite]) -> None:
+    """Run every registered module the plan inserts once per shape on the meta device, so that
+    report() and apply() refuse the same factories (built-ins are not run)."""
+    checked = set()
+    for e in entries:
+        if e.selected:
+            opts = e.options.module_options()
+            key = (e.options.module, e.se_channels, e.se_spatial, e.site.channel_dim, repr(opts))
+            if key not in checked:
+                checked.add(key)
+                modules.check_module(e.options.module, e.se_channels, e.se_spatial, opts,
+                                     channel_dim=e.site.channel_dim, site=e.site.name)
+
+
 def _notes_for_rules(rules: Rules, entries: list[PlannedSite], d: Analysis, strict: bool) -> list[str]:
     """Rules that select nothing and options that reach no module: warnings (errors with ``strict``)."""
     notes: list[str] = []
@@ -312,16 +326,18 @@ def _untraced(d: Analysis, strict: bool) -> str | None:
     if strict:
         raise PlanError(f"strict: {len(d.untraced)} module(s) could not be traced, their joins were not "
                         f"searched: {listed}")
-    return (f"{len(d.untraced)} module(s) of {d.model} could not be traced, their joins were not searched "
-            f"(strict=True makes this an error): {listed}")
+    return (f"{len(d.untraced)} module(s) of {d.model} could not be traced as a whole, so joins inside them were "
+            f"searched only in the submodules that did trace ({len(d.sites)} site(s) found). SE goes only at the "
+            "sites plan() lists; a join inside an untraced part gets none, which is harmless if those are the "
+            "sites you want (tracer_kwargs with leaf_modules or concrete_args may let more trace; strict=True "
+            f"makes this an error): {listed}")
 
 
 def plan_from(rules: Rules, d: Analysis, *, strict: bool = False,
               entries: list[PlannedSite] | None = None) -> Plan:
     """Validate ``rules`` (or given ``entries``) against an analysis; warn and build the Plan."""
     if d.stopped and not d.sites:
-        raise TraceError(f"cannot plan for {d.model}: its forward failed on a fake input of size "
-                         f"{'x'.join(map(str, d.input_size))}: {d.stopped}")
+        raise TraceError(f"cannot plan for {forward_failed(d)}")
     notes: list[str] = []
     if entries is None:
         _check_ranges(rules, list(d.sites), d.model)
@@ -329,6 +345,7 @@ def plan_from(rules: Rules, d: Analysis, *, strict: bool = False,
         notes = _notes_for_rules(rules, entries, d, strict)
     _check_placements(rules, entries)
     notes += _layer_scale_note(entries, d.model)
+    _check_modules(entries)
     untraced = _untraced(d, strict)
     for msg in notes:
         warnings.warn(msg, SESurgeryWarning, stacklevel=3)

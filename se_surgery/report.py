@@ -19,11 +19,11 @@ from torch import nn
 
 from . import modules
 from ._checks import check_model
-from ._compat import flop_counter
+from ._compat import flop_counter, orig_mod
 from .errors import ModelTypeError, PlanError, TraceError
 from .fake import run_copy
 from .plan import Plan, check_plan, plan_from
-from .record import inserted_modules, is_patched
+from .record import inserted_modules, is_patched, plan_facts
 from .rules import load_rules
 from .sites import Analysis, analysis_of, resolve_input_size
 from .trace import short_error
@@ -175,8 +175,8 @@ class Report:
         parts.append(tabulate(rows, headers=["site", "kind", "stage", "variant", "channels", "hidden",
                                              "params", "MACs"], tablefmt=tf, disable_numparse=True))
         parts += ["", tabulate([[s["stage"], s["sites"], f"{s['params']:,}", f"{s['macs']:,}"] for s in self.stages()],
-                               headers=["stage", "SE sites", "params", "MACs"], tablefmt=tf, disable_numparse=True)]
-        parts += ["", tabulate(self._totals(), headers=["", "base", "added by SE", "added %"], tablefmt=tf,
+                               headers=["stage", "sites", "params", "MACs"], tablefmt=tf, disable_numparse=True)]
+        parts += ["", tabulate(self._totals(), headers=["", "base", "added", "added %"], tablefmt=tf,
                                disable_numparse=True)]
         parts += ["", ("_" + FOOTER + "_") if fmt == "markdown" else FOOTER]
         return "\n".join(parts)
@@ -218,10 +218,14 @@ def report(model: nn.Module | Analysis, rules=None, *, input_size=None, tracer_k
     """
     if not isinstance(model, Analysis):
         check_model(model, what="a torch.nn.Module or an se_surgery.Analysis")
+        model = orig_mod(model) or model  # torch.compile's wrapper: the model it runs
     if isinstance(model, nn.Module) and is_patched(model):
         if rules is not None:
             raise PlanError("this model already has SE from se-surgery; report(model) describes it, "
                             "rules only apply to an unpatched model")
+        facts = plan_facts(model)
+        if input_size is None and facts:  # counted at the size it was patched at
+            input_size = facts[0].input_size
         return _report_patched(model, resolve_input_size(model, input_size))
     if isinstance(rules, Plan):
         if input_size is not None or tracer_kwargs is not None:

@@ -33,7 +33,9 @@ import dataclasses
 import difflib
 import errno
 import fnmatch
+import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -72,8 +74,9 @@ TOP_KEYS = ("defaults", "rules")
 
 # A rules file is a few lines; these caps keep a hostile or mistaken file from
 # exhausting the parser (PyYAML's composer recurses once per nesting level).
-MAX_RULES_BYTES = 1 << 20
+MAX_RULES_BYTES = 1 << 18
 MAX_NESTING = 64
+MAX_NODES = 20_000  # values, mappings and lists: the presets have under 100
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,13 @@ class Selector:
     max_channels: int | None = None
     has_attention: bool | None = None  # the owner already has a channel gate
 
+    def __post_init__(self):
+        # Checked as a rules file's select is, so that Selector(stage=3) or a Selector given
+        # where a list belongs fails here with a RuleError, not later in matches().
+        given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        for k, v in _Checker("Selector(...)", {}).selector_fields((), given).items():
+            object.__setattr__(self, k, v)
+
     def matches(self, site, n_stages: int, stage_sizes: dict[int, int]) -> bool:
         """Whether ``site`` satisfies every key of this selector (a pure function)."""
         if self.kind is not None and site.kind != self.kind:
@@ -220,6 +230,19 @@ class Rule:
     options: dict = field(default_factory=dict)
     skip: bool = False
 
+    def __post_init__(self):
+        chk = _Checker("Rule(...)", {})
+        if self.select is None or isinstance(self.select, dict):  # as a rules file writes it
+            object.__setattr__(self, "select", chk.selector(("select",), self.select))
+        elif not isinstance(self.select, Selector):
+            chk.fail(("select",), f"select must be a Selector or a dict of {', '.join(SELECT_KEYS)}, got "
+                                  f"{type(self.select).__name__}")
+        if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
+            chk.fail(("options",), f"options must be a dict of option names to values, got "
+                                   f"{type(self.options).__name__}")
+        if not isinstance(self.skip, bool):
+            chk.fail(("skip",), f"skip must be True or False, got {_show(self.skip)}")
+
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"select": self.select.to_dict()}
         out.update(self.options)
@@ -236,6 +259,22 @@ class Rules:
     rules: tuple[Rule, ...] = ()
     source: str = "<dict>"
     lines: dict = field(default_factory=dict, compare=False, repr=False)  # key path -> YAML line
+
+    def __post_init__(self):
+        chk = _Checker("Rules(...)", {})
+        if isinstance(self.defaults, dict):  # as a rules file's defaults block
+            d = _from_data({"defaults": self.defaults, "rules": [{"select": {}}]}, "Rules(defaults=...)", {})
+            object.__setattr__(self, "defaults", d.defaults)
+        elif not isinstance(self.defaults, SEOptions):
+            chk.fail(("defaults",), f"defaults must be SEOptions or a dict of options, got "
+                                    f"{type(self.defaults).__name__}")
+        if not isinstance(self.rules, (list, tuple)) or not all(isinstance(r, Rule) for r in self.rules):
+            got = type(self.rules).__name__ if not isinstance(self.rules, (list, tuple)) else \
+                next(type(r).__name__ for r in self.rules if not isinstance(r, Rule)) + " in the list"
+            chk.fail(("rules",), f"rules must be a list of Rule objects, got {got}")
+        object.__setattr__(self, "rules", tuple(self.rules))
+        if not isinstance(self.source, str):
+            chk.fail(("source",), f"source must be a string, got {type(self.source).__name__}")
 
     def to_dict(self) -> dict:
         """As a rules file would say it: ``load_rules(r.to_dict())`` resolves the same."""
@@ -351,7 +390,10 @@ def _check_depth(text: str, name: str) -> None:
     Python's recursion limit.
     """
     depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+    for n, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader)):
+        if n > MAX_NODES:  # refused in the parser's time, before safe_load builds it (seconds, hundreds of MB)
+            raise RuleError(f"{name}:{event.start_mark.line + 1}: more than {MAX_NODES:,} YAML values; a rules "
+                            "file needs a few dozen (select sites by stage, kind or name globs, not one by one)")
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_NESTING:
@@ -418,6 +460,26 @@ def _check_nodes(root, name: str) -> None:
 # ---------------------------------------------------------------- validation
 
 
+# YAML 1.1 (PyYAML) reads a float only with a dot and a signed exponent (1.0e+2), so
+# `ratio: 1e2` arrives as the string "1e2"; it is read as the number it means.
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml11_number(value, key: str, takers: list[str]):
+    """``value`` as a number where it is a string in exponent notation that the options'
+    checks refuse as a string and accept as a number; otherwise ``value`` unchanged."""
+    if not isinstance(value, str) or not _EXPONENT.fullmatch(value.strip()):
+        return value
+    number = float(value)
+    if not math.isfinite(number):
+        return value
+    num: float | int = int(number) if number.is_integer() else number
+    if any(modules.check_option(m, key, value) for m in takers) and \
+            not any(modules.check_option(m, key, num) for m in takers):
+        return num
+    return value
+
+
 class _Checker:
     def __init__(self, source: str, lines: dict):
         self.source, self.lines = source, lines
@@ -470,6 +532,7 @@ class _Checker:
                 takers = [m for m in candidates if modules.accepts(m, k)]
             if not takers:
                 self._not_taken(path + (k,), k, candidates, what, fixed)
+            v = _yaml11_number(v, k, takers)
             for m in takers:
                 why = modules.check_option(m, k, v)
                 if why:
@@ -491,7 +554,7 @@ class _Checker:
                         + f" ({key!r} is an option of {', '.join(others)}: set module: {others[0]})")
 
     def int_list(self, path, key: str, value, allow_negative: bool) -> tuple[int, ...]:
-        items = value if isinstance(value, list) else [value]
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
         if not items:
             self.fail(path, f"{key} must be an integer or a non-empty list of integers, got []")
         for v in items:
@@ -503,8 +566,14 @@ class _Checker:
     def selector(self, path, sel) -> Selector:
         if sel is None:
             return Selector()
+        if isinstance(sel, Selector):
+            return sel
         if not isinstance(sel, dict):
             self.fail(path, f"select must be a mapping of {', '.join(SELECT_KEYS)}, got {type(sel).__name__}")
+        return Selector(**self.selector_fields(path, sel))
+
+    def selector_fields(self, path, sel: dict) -> dict:
+        """The validated, normalised fields of a select mapping (lists as tuples)."""
         self.keys(path, sel, SELECT_KEYS, "select")
         out: dict[str, Any] = {}
         for k, v in sel.items():
@@ -516,7 +585,7 @@ class _Checker:
             elif k in ("stage", "block"):
                 out[k] = self.int_list(p, k, v, allow_negative=True)
             elif k == "name":
-                names = v if isinstance(v, list) else [v]
+                names = list(v) if isinstance(v, (list, tuple)) else [v]
                 if not names or not all(isinstance(g, str) and g for g in names):
                     self.fail(p, f"name must be a glob string or a list of them, got {_show(v)}")
                 out[k] = tuple(names)
@@ -531,7 +600,7 @@ class _Checker:
         if "min_channels" in out and "max_channels" in out and out["min_channels"] > out["max_channels"]:
             self.fail(path + ("min_channels",),
                       f"min_channels {out['min_channels']} > max_channels {out['max_channels']}")
-        return Selector(**out)
+        return out
 
 
 def _from_data(data, source: str, lines: dict) -> Rules:
@@ -562,6 +631,7 @@ def _from_data(data, source: str, lines: dict) -> Rules:
     # only other registered modules take (a preset's 'bias' when every rule says eca) is
     # no error; one that no module takes is.
     written = chk.options(("defaults",), defaults_raw, every, "defaults", fixed, shared=True)
+    defaults_raw = {**defaults_raw, **written}  # values as read (ratio: 1e2 -> 100.0)
     if defaults_raw.get("variant", "standard") not in VARIANTS:
         chk.fail(("defaults", "variant"), f"variant must be one of {', '.join(VARIANTS)}, "
                                           f"got {defaults_raw['variant']!r}")
@@ -575,7 +645,7 @@ def _rule(chk: _Checker, i: int, r, candidates: tuple[str, ...]) -> Rule:
     path = ("rules", i)
     if not isinstance(r, dict):
         chk.fail(path, f"each rule must be a mapping with 'select:', got {type(r).__name__}")
-    chk.options(path, r, candidates, "rule", ("select", "skip", "variant", "module"))
+    r = {**r, **chk.options(path, r, candidates, "rule", ("select", "skip", "variant", "module"))}
     select = chk.selector(path + ("select",), r.get("select"))
     skip = r.get("skip", False)
     if not isinstance(skip, bool):

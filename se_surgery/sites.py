@@ -770,8 +770,7 @@ def find_sites(model: nn.Module | Analysis, input_size=None, *, tracer_kwargs=No
     """
     d = analysis_of(model, input_size, tracer_kwargs)
     if d.stopped and not d.sites:
-        raise TraceError(f"cannot find the joins of {d.model}: its forward failed on a fake input of "
-                         f"size {'x'.join(map(str, d.input_size))}: {d.stopped}")
+        raise TraceError(f"cannot find the joins of {forward_failed(d)}")
     return list(d.sites)
 
 
@@ -784,3 +783,13 @@ def analysis_of(model, input_size=None, tracer_kwargs=None, *, count_macs: bool 
                                  f"(input size {'x'.join(map(str, model.input_size))})")
         return model
     return discover(model, input_size, tracer_kwargs=tracer_kwargs, count_macs=count_macs)
+
+
+def forward_failed(d: Analysis) -> str:
+    """``Net: its forward failed on ...: why; what to do`` for a model discovery could not run."""
+    size = "x".join(map(str, d.input_size))
+    return (f"{d.model}: its forward failed on a fake input of size {size}: {d.stopped}. Discovery "
+            f"calls forward(x) with one image tensor of shape (1, {size.replace('x', ', ')}); for a forward that "
+            "takes a dict, several inputs or other arguments, wrap the model in a module whose forward(x) calls it "
+            "(return self.model({'image': x})), or fix the other arguments with "
+            "tracer_kwargs={'concrete_args': {...}}")

@@ -24,6 +24,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
+import os
 import statistics
 import time
 import warnings
@@ -35,12 +37,13 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .errors import RuleError, SESurgeryError
+from .errors import RuleError, SESurgeryError, SESurgeryWarning
 from .train import Data, Dist, evaluate, se_drift, seed_everything, train
 
 __all__ = [
     "SweepConfig",
     "SweepError",
+    "SweepWarning",
     "Trial",
     "finished",
     "overlay",
@@ -51,14 +54,29 @@ __all__ = [
     "run",
     "table",
     "trials",
+    "check_data",
+    "check_input_size",
+    "check_out",
 ]
 
 # Fields of a trial's JSON line that describe its setting (the table groups by them).
 SETTING = ("rules", "variant", "ratio", "module")
+# Bounds that turn a typo into one line before anything trains: a sweep of 10^12 seeds
+# would only fill memory with trial objects, an input of 10^5 pixels a side asks torch
+# for terabytes.
+MAX_SEEDS, MAX_SIDE, MAX_EPOCHS, MAX_BATCH = 10_000, 4096, 100_000, 1_000_000
+# What a trial record must hold, and the types each field may have (resume reads them).
+_RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "key": (str,), "accuracy": (int, float), "baseline_accuracy": (int, float), "seed": (int,),
+    "added_params": (int,), "added_macs": (int,), "seconds": (int, float)}
 
 
 class SweepError(SESurgeryError, ValueError):
     """A sweep setting is invalid (a bad ``--trial``, ``--seeds``, budget or results file)."""
+
+
+class SweepWarning(SESurgeryWarning):
+    """A results-file line that was skipped (it will run again)."""
 
 
 @dataclass(frozen=True)
@@ -79,12 +97,25 @@ class SweepConfig:
     freeze_base: bool = False
 
     def check(self) -> None:
-        """Raise :class:`SweepError` for a budget that cannot train."""
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise SweepError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise SweepError(f"--max-steps {self.max_steps}: must be at least 1 (or left out)")
+        """Raise :class:`SweepError` for a budget that cannot train (messages name the parameters).
+
+        Example:
+            >>> SweepConfig("m", "digits", lr=float("nan")).check()
+            Traceback (most recent call last):
+            ...
+            se_surgery.sweep.SweepError: lr nan: must be a finite number from 0 to 1000
+        """
+        for name, hi in (("epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
+                raise SweepError(f"{name} {v!r}: must be an integer from 1 to {hi:,}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise SweepError(f"max_steps {self.max_steps!r}: must be at least 1 (or left out)")
+        for name, lo, top in (("lr", 0.0, 1e3), ("se_lr", 0.0, 1e3), ("momentum", 0.0, 1.0),
+                              ("weight_decay", 0.0, 1e3)):
+            x = getattr(self, name)
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or not lo <= x <= top:
+                raise SweepError(f"{name} {x!r}: must be a finite number from {lo:g} to {top:g}")
 
 
 @dataclass(frozen=True)
@@ -131,7 +162,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
         >>> parse_shard("4/4")
         Traceback (most recent call last):
         ...
-        se_surgery.sweep.SweepError: --trial '4/4': expected I/N with 0 <= I < N, such as 0/2 and 1/2
+        se_surgery.sweep.SweepError: trial '4/4': expected I/N with 0 <= I < N, such as 0/2 and 1/2
     """
     if text is None:
         return 0, 1
@@ -141,7 +172,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     except ValueError:
         i, n = -1, 0
     if not sep or not 0 <= i < n:
-        raise SweepError(f"--trial {text!r}: expected I/N with 0 <= I < N, such as 0/2 and 1/2")
+        raise SweepError(f"trial {text!r}: expected I/N with 0 <= I < N, such as 0/2 and 1/2")
     return i, n
 
 
@@ -169,8 +200,8 @@ def overlay(rules, variant: str | None = None, ratio: float | None = None, modul
     try:
         load_rules(data)
     except RuleError as e:
-        opts = " ".join(f"--{k} {_fmt(v)}" for k, v in given.items())
-        raise RuleError(f"--rules {rules} with {opts}: {e}") from None
+        opts = " ".join(f"{k}={_fmt(v)}" for k, v in given.items())
+        raise RuleError(f"rules {rules} with {opts}: {e}") from None
     return data
 
 
@@ -185,8 +216,11 @@ def trials(rules: Sequence[str], variants: Sequence = (None,), ratios: Sequence 
         >>> [t.label + f" seed {t.seed}" for t in trials(["all_stages", "late_stages"], ["pre"], seeds=2)][:3]
         ['all_stages variant=pre seed 0', 'late_stages variant=pre seed 0', 'all_stages variant=pre seed 1']
     """
-    if seeds < 1:
-        raise SweepError(f"--seeds {seeds}: must be at least 1")
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= MAX_SEEDS:
+        raise SweepError(f"seeds {seeds!r}: must be an integer from 1 to {MAX_SEEDS:,}")
+    for r in ratios:
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)):
+            raise SweepError(f"ratios: {r!r} is not a finite number")
     settings = list(itertools.product(rules, variants, [None if r is None else float(r) for r in ratios], modules))
     return [Trial(*s, seed=seed) for seed in range(seeds) for s in settings]
 
@@ -200,34 +234,127 @@ def _key(trial: Trial, config: SweepConfig, resolved: dict | None, input_size, w
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _record_problem(rec) -> str | None:
+    """Why a parsed line is not a usable trial record, or None."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    for k, types in _RECORD_TYPES.items():
+        v = rec.get(k)
+        if k not in rec:
+            return f"no {k!r} field"
+        if isinstance(v, bool) or not isinstance(v, types):
+            return f"field {k!r} is {type(v).__name__}, not {' or '.join(t.__name__ for t in types)}"
+    for k in ("accuracy", "baseline_accuracy"):
+        if not math.isfinite(rec[k]) or not 0 <= rec[k] <= 1:
+            return f"{k} {rec[k]!r} is not a fraction from 0 to 1"
+    for k in SETTING:
+        if rec.get(k) is not None and not isinstance(rec[k], (str, int, float)):
+            return f"field {k!r} is {type(rec[k]).__name__}, not a string or number"
+    return None
+
+
 def read_results(path: str | Path) -> list[dict]:
     """The trial records (JSON lines) in ``path``; ``[]`` if it does not exist.
 
-    A line that is not a JSON object with a ``key`` (a write cut by an interruption) is
-    skipped with a warning: that trial runs again.
+    A line that is not a usable trial record (a write cut by an interruption, bytes that
+    are not UTF-8, a field of the wrong type, no ``accuracy``, an accuracy that is NaN or
+    outside [0, 1]) is skipped with a warning naming the file and line: that trial runs again.
 
     Example:
         >>> read_results("/no/such/results.jsonl")
         []
     """
     p = Path(path)
-    if not p.exists():
-        return []
-    if not p.is_file():
-        raise SweepError(f"--out {str(path)!r}: not a file")
+    try:
+        if not p.exists():
+            return []
+        if not p.is_file():
+            raise SweepError(f"out {str(path)!r}: not a file (a directory or device); give a results file name")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise SweepError(f"out {str(path)!r}: cannot read it: {e.strerror or e}") from None
     out = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
+    for i, line in enumerate(raw.split(b"\n"), 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except ValueError:
-            rec = None
-        if not isinstance(rec, dict) or "key" not in rec:
-            warnings.warn(f"{path}:{i}: not a trial record, ignored (that trial runs again)", stacklevel=2)
+            rec = json.loads(line.decode("utf-8"), parse_constant=float)  # NaN, Infinity: refused below
+            why = _record_problem(rec)
+        except UnicodeDecodeError:
+            why = "not UTF-8 text"
+        except (ValueError, RecursionError):
+            why = "not a JSON trial record"
+        if why:
+            warnings.warn(f"{path}:{i}: {why}; line ignored (that trial runs again)", SweepWarning, stacklevel=2)
             continue
         out.append(rec)
     return out
+
+
+def check_out(path: str | Path) -> None:
+    """Refuse a results file that cannot be read or appended to, before anything trains (creates nothing).
+
+    Example:
+        >>> import tempfile
+        >>> f = tempfile.mkdtemp() + "/a_file"
+        >>> _ = open(f, "w").write("")
+        >>> check_out(f + "/results.jsonl")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        se_surgery.sweep.SweepError: out '.../a_file/results.jsonl': '.../a_file' is not a folder
+    """
+    p = Path(path)
+    try:
+        if p.exists():
+            if not p.is_file():
+                raise SweepError(f"out {str(path)!r}: not a file (a directory or device); give a results file name")
+            if not os.access(p, os.R_OK | os.W_OK):
+                raise SweepError(f"out {str(path)!r}: no permission to read and append to it")
+            return
+        folder = p.parent
+        while not folder.exists():  # the folders run() will create
+            folder = folder.parent
+        if not folder.is_dir():
+            raise SweepError(f"out {str(path)!r}: {str(folder)!r} is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise SweepError(f"out {str(path)!r}: no permission to write in {str(folder)!r}")
+    except OSError as e:  # a name longer than the file system allows
+        raise SweepError(f"out {str(path)[:120]!r}: {e.strerror or e}") from None
+
+
+def check_input_size(size: int | None) -> None:
+    """Refuse a square input size a sweep cannot train at (``None``: the data's default).
+
+    Example:
+        >>> check_input_size(100000)
+        Traceback (most recent call last):
+        ...
+        se_surgery.sweep.SweepError: input_size 100000: must be an integer from 8 to 4096 (pixels a side)
+    """
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= MAX_SIDE):
+        raise SweepError(f"input_size {size!r}: must be an integer from 8 to {MAX_SIDE} (pixels a side)")
+
+
+def check_data(data: Data) -> None:
+    """Refuse data a sweep cannot learn from, before anything trains: fewer than two
+    classes, an empty split, an input size out of bounds, or images that cannot be read.
+
+    Example:
+        >>> from se_surgery.train import load_data
+        >>> check_data(load_data("digits", 16))
+    """
+    check_input_size(data.size)
+    if data.classes < 2:
+        raise SweepError(f"data: {data.classes} class(es); classification needs at least 2")
+    for split in ("train", "test"):
+        ds = getattr(data, split)
+        if len(ds) == 0:
+            raise SweepError(f"data: the {split} split has no images")
+        try:
+            ds[0]
+        except (OSError, ValueError, RuntimeError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise SweepError(f"data: the first {split} image cannot be read ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _append(path: Path, record: dict) -> None:
@@ -373,6 +500,9 @@ def run(model: nn.Module, data: Data, config: SweepConfig, *, rules: Sequence[st
         >>> [(r["rules"], r["variant"], r["steps"]) for r in recs]
         [(None, None, 3), ('late_stages', 'standard', 3), ('late_stages', 'pre', 3)]
     """
+    check_data(data)
+    if os.environ.get("RANK", "0") == "0":  # only rank 0 writes the results
+        check_out(out)
     mine, settings = _plan_trials(config, rules, variants, ratios, modules, seeds, shard)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -396,9 +526,9 @@ def _plan_trials(config: SweepConfig, rules, variants, ratios, modules, seeds: i
     config.check()
     shard_i, shard_n = shard
     if not 0 <= shard_i < shard_n:
-        raise SweepError(f"--trial {shard_i}/{shard_n}: expected I/N with 0 <= I < N")
+        raise SweepError(f"shard {shard}: expected (i, n) with 0 <= i < n")
     if not rules:
-        raise SweepError("no --rules given: name at least one rules file or preset")
+        raise SweepError("rules: empty; name at least one rules file or preset")
     mine = trials(rules, variants, ratios, modules, seeds)[shard_i::shard_n]
     settings: dict = {}
     for t in mine:
@@ -485,8 +615,9 @@ def _sweep(model, data, config, d: Dist, mine: list[Trial], settings: dict, cost
 
 
 def _mean_std(xs: list[float], scale: float = 100.0, sign: bool = False) -> str:
-    m = scale * statistics.fmean(xs)
-    s = scale * statistics.stdev(xs) if len(xs) > 1 else None
+    # round(...) + 0.0 turns -0.0 into 0.0: a gain of -0.001 points prints +0.00, never -0.00
+    m = round(scale * statistics.fmean(xs), 2) + 0.0
+    s = round(scale * statistics.stdev(xs), 2) + 0.0 if len(xs) > 1 else None
     text = f"{m:+.2f}" if sign else f"{m:.2f}"
     return text if s is None else f"{text} ± {s:.2f}"
 
@@ -542,7 +673,10 @@ def pareto_front(points: Iterable[tuple[float, float]]) -> list[tuple[float, flo
 
 
 def plot(records: list[dict], path: str | Path) -> None:
-    """Accuracy against added parameters, one marker per trial, the Pareto front drawn; saved to ``path``.
+    """Accuracy against added parameters, one marker per setting (mean ± std over its seeds), saved to ``path``.
+
+    The Pareto front joins the settings whose mean no other setting beats on both counts
+    (fewer added parameters, higher mean accuracy); dominated settings stay off it.
 
     Needs matplotlib (imported here, not with the package).
     """
@@ -552,13 +686,14 @@ def plot(records: list[dict], path: str | Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SESurgeryError("--plot needs matplotlib: pip install 'se-surgery[plot]'") from None
+        raise SESurgeryError("plot needs matplotlib: pip install 'se-surgery[plot]'") from None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(tuple(r.get(k) for k in SETTING), []).append(r)
     markers = itertools.cycle("osD^v<>PpXh")  # "*" is the baseline's
     colors = itertools.cycle(plt.get_cmap("tab20").colors)  # type: ignore[attr-defined]  # tab20 is a ListedColormap
+    means = []
     for setting, rs in groups.items():
         rules, variant, ratio, module = setting
         if rules is None:
@@ -566,11 +701,15 @@ def plot(records: list[dict], path: str | Path) -> None:
         else:
             label = " ".join([rules, str(variant), f"r{_fmt(ratio)}"] + ([str(module)] if module != "se" else []))
             marker, color = next(markers), next(colors)
-        ax.scatter([r["added_params"] for r in rs], [100 * r["accuracy"] for r in rs], label=label, marker=marker,
-                   color=color, s=70 if rules is None else 30, alpha=0.8, zorder=3)
-    front = pareto_front((r["added_params"], 100 * r["accuracy"]) for r in records)
-    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, ls="--",
-            label="Pareto front")
+        accs = [100 * r["accuracy"] for r in rs]
+        x, y = rs[0]["added_params"], statistics.fmean(accs)
+        err = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        means.append((x, y))
+        ax.errorbar([x], [y], yerr=[err], fmt=marker, color=color, ms=10 if rules is None else 6, capsize=3,
+                    alpha=0.9, zorder=3, label=f"{label} (n={len(rs)})")
+    front = pareto_front(means)  # of the settings' means: one seed's luck does not draw the line
+    ax.plot([p[0] for p in front], [p[1] for p in front], color="k", lw=1, ls="--", label="Pareto front (means)",
+            zorder=2)
     ax.set(xlabel="added parameters", ylabel="test accuracy (%)",
            title=f"{records[0].get('model', '')}: accuracy against SE cost" if records else "")
     ax.legend(fontsize=7, loc="best", ncol=1 + len(groups) // 10)

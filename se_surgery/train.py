@@ -35,6 +35,8 @@ __all__ = [
     "digits_data",
     "evaluate",
     "folder_data",
+    "default_workers",
+    "deterministic",
     "freeze_norm_stats",
     "load_base_weights",
     "load_data",
@@ -84,7 +86,7 @@ def digits_data(size: int = 32) -> tuple[TensorDataset, TensorDataset, int]:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise SESurgeryError("--data digits needs scikit-learn: pip install 'se-surgery[examples]'") from None
+        raise SESurgeryError("data='digits' needs scikit-learn: pip install 'se-surgery[examples]'") from None
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -96,55 +98,96 @@ def digits_data(size: int = 32) -> tuple[TensorDataset, TensorDataset, int]:
     return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx]), 10
 
 
-def folder_data(root: str | os.PathLike, size: int = 224, seed: int = 0) -> tuple[Dataset, Dataset, int]:
+AUGMENTATIONS = ("none", "flip", "crop")
+
+
+def _transforms(size: int, augment: str):
+    from torchvision import transforms
+
+    norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    # Resize the short side and centre-crop: the whole image, as the test split sees it.
+    resize = [transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size)]
+    train = {"none": resize, "flip": [*resize, transforms.RandomHorizontalFlip()],
+             "crop": [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]}[augment]
+    return (transforms.Compose([*train, transforms.ToTensor(), norm]),
+            transforms.Compose([*resize, transforms.ToTensor(), norm]))
+
+
+def folder_data(root: str | os.PathLike, size: int = 224, seed: int = 0, *,
+                augment: str = "crop") -> tuple[Dataset, Dataset, int]:
     """An ImageFolder as (train, test, classes): ``root/train`` + ``root/val``, else one folder split 80/20.
 
-    Training images get a random resized crop and flip, test images a resize and
-    centre crop. The 80/20 split of a single folder is fixed by ``seed``.
+    Test images are resized (short side ``size * 256 / 224``) and centre-cropped to
+    ``size``. Training images get ``augment``: ``"crop"`` (default, the ImageNet recipe:
+    a random resized crop and a flip), ``"flip"`` (the test transform and a random flip)
+    or ``"none"`` (the test transform: for data where position and scale carry the
+    label, such as small digits, random crops cut the label out). The 80/20 split of a
+    single folder is fixed by ``seed``.
 
     Example:
         >>> folder_data("/no/such/dir")
         Traceback (most recent call last):
         ...
-        se_surgery.errors.MissingFileError: --data '/no/such/dir': not a directory (give an ImageFolder directory, or 'digits')
+        se_surgery.errors.MissingFileError: data '/no/such/dir': not a directory (give an ImageFolder directory, or 'digits')
     """  # noqa: E501 - doctest output must match verbatim
+    if augment not in AUGMENTATIONS:
+        raise SESurgeryError(f"augment {augment!r}: use one of {', '.join(AUGMENTATIONS)}")
     r = Path(root)
     if not r.is_dir():
-        raise MissingFileError(f"--data {str(root)!r}: not a directory (give an ImageFolder directory, or 'digits')")
-    from torchvision import datasets, transforms
+        raise MissingFileError(f"data {str(root)!r}: not a directory (give an ImageFolder directory, or 'digits')")
+    from torchvision import datasets
 
-    norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), norm])
-    test_tf = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
-                                  transforms.ToTensor(), norm])
+    train_tf, test_tf = _transforms(size, augment)
     try:
         if (r / "train").is_dir() and (r / "val").is_dir():
             train, test = datasets.ImageFolder(r / "train", train_tf), datasets.ImageFolder(r / "val", test_tf)
             if train.classes != test.classes:
-                raise SESurgeryError(f"--data {str(root)!r}: train/ and val/ have different classes")
+                raise SESurgeryError(f"data {str(root)!r}: train/ and val/ have different classes")
             return train, test, len(train.classes)
         train, test = datasets.ImageFolder(r, train_tf), datasets.ImageFolder(r, test_tf)
     except FileNotFoundError as e:  # ImageFolder's "Couldn't find any class folder" / "Found no valid file"
-        raise MissingFileError(f"--data {str(root)!r}: not an ImageFolder ({e})") from None
+        raise MissingFileError(f"data {str(root)!r}: not an ImageFolder ({e})") from None
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = int(0.8 * len(order))
     return Subset(train, order[:cut]), Subset(test, order[cut:]), len(train.classes)
 
 
-def load_data(spec: str, size: int | None = None, *, seed: int = 0, workers: int = 4) -> Data:
+def default_workers() -> int:
+    """Data-loader workers by default: the CPUs this process may use (``os.cpu_count()`` where
+    the affinity mask is unknown).
+
+    Example:
+        >>> default_workers() >= 1
+        True
+    """
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def load_data(spec: str, size: int | None = None, *, seed: int = 0, workers: int | None = None,
+              augment: str = "crop") -> Data:
     """``"digits"`` (offline, default 32 px, no loader workers) or an ImageFolder directory (default 224 px).
+
+    ``workers`` defaults to :func:`default_workers`; ``augment`` is the training
+    augmentation of an ImageFolder (see :func:`folder_data`; digits get none).
 
     Example:
         >>> d = load_data("digits")
         >>> d.classes, d.input_size, d.workers
         (10, (3, 32, 32), 0)
     """
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 8192):
+        raise SESurgeryError(f"size {size!r}: must be an integer from 1 to 8192 (pixels a side)")
+    if workers is not None and (not isinstance(workers, int) or not 0 <= workers <= 1024):
+        raise SESurgeryError(f"workers {workers!r}: must be an integer from 0 to 1024")
     if spec == "digits":
         size = size or 32
         return Data(*digits_data(size), size=size, workers=0)
     size = size or 224
-    return Data(*folder_data(spec, size, seed), size=size, workers=workers)
+    return Data(*folder_data(spec, size, seed, augment=augment), size=size,
+                workers=default_workers() if workers is None else workers)
 
 
 # ----------------------------------------------------------------------------- model
@@ -189,18 +232,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     p = Path(path)
     if not p.is_file():
-        raise MissingFileError(f"--weights {str(path)!r}: no such file")
+        raise MissingFileError(f"weights {str(path)!r}: no such file")
     state: Any  # torch.load gives any object; checked below
     from .checkpoint import read_tensor_file
 
     try:
         state = read_tensor_file(p)
     except Exception as e:  # noqa: BLE001 - safetensors, pickle and zip errors share no base class
-        raise CheckpointError(f"--weights {path}: cannot read it ({type(e).__name__}: "
+        raise CheckpointError(f"weights {path}: cannot read it ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
-        raise CheckpointError(f"--weights {path}: expected a state_dict (names to tensors), got {type(state).__name__}")
+        raise CheckpointError(f"weights {path}: expected a state_dict (names to tensors), got {type(state).__name__}")
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
@@ -227,7 +270,7 @@ def load_base_weights(model: nn.Module, path: str | os.PathLike, log: Callable[[
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        raise CheckpointError(f"--weights {path}: does not fit {type(model).__name__}: missing {missing[:3]}, "
+        raise CheckpointError(f"weights {path}: does not fit {type(model).__name__}: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
     model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=False)
     if reshaped:
@@ -254,6 +297,30 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def deterministic(seed: int = 0, threads: int | None = 1) -> None:
+    """Make a run repeatable where PyTorch allows: seeds, deterministic algorithms, fixed threads.
+
+    Seeds every generator (:func:`seed_everything`), asks torch for deterministic
+    algorithms (``warn_only``: an op without one warns instead of failing), turns off
+    cuDNN's benchmark autotuner and, with ``threads``, fixes the number of CPU threads:
+    a float sum over 1 or 16 threads adds in another order, so the same seed gives other
+    weights on another machine unless the thread count is the same. Bit-identical runs
+    still need the same PyTorch build and hardware. This sets process-wide torch
+    settings: call it once at the start of a script, not from library code.
+
+    Example:
+        >>> deterministic(0); a = torch.rand(2)
+        >>> deterministic(0); torch.equal(a, torch.rand(2)), torch.get_num_threads()
+        (True, 1)
+    """
+    seed_everything(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, read at first use
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 class Dist:
     """Who this process is: rank, world size, device.
 
@@ -274,10 +341,10 @@ class Dist:
         self.rank = int(os.environ["RANK"]) if self.distributed else 0
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device not in (None, "cpu", "cuda"):
-            raise SESurgeryError(f"--device {device!r}: use cpu or cuda")
+            raise SESurgeryError(f"device {device!r}: use 'cpu' or 'cuda'")
         cuda = torch.cuda.is_available() if device is None else device == "cuda"
         if cuda and not torch.cuda.is_available():
-            raise SESurgeryError("--device cuda: no CUDA device here (use --device cpu)")
+            raise SESurgeryError("device 'cuda': no CUDA device here (use 'cpu')")
         self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(self.device)

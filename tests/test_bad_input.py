@@ -428,3 +428,146 @@ def test_valid_dicts_do_validate():
               {"rules": [{"select": None, "ratio": 4096}]}]:
         assert isinstance(_validates_or_rule_error(d), Rules)
     assert isinstance(_validates_or_rule_error(OrderedDict(rules=[{"select": {"block": -1}}])), Rules)
+
+
+# ------------------------------------------------------------- issue 21: rule objects, YAML numbers, modules
+
+from se_surgery.rules import Rule, Selector  # noqa: E402 - grouped with the tests that use them
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: Rule(select={"stag": 1}), r"^Rule\(\.\.\.\): key 'select.stag': unknown select key 'stag' \(did you "
+                                       r"mean 'stage'\?\)"),
+    (lambda: Rule(select=[1]), r"^Rule\(\.\.\.\): key 'select': select must be a Selector or a dict of kind, "),
+    (lambda: Rule(options=[("ratio", 8)]), r"^Rule\(\.\.\.\): key 'options': options must be a dict"),
+    (lambda: Rule(skip="yes"), r"^Rule\(\.\.\.\): key 'skip': skip must be True or False, got 'yes'"),
+    (lambda: Rules(defaults={"ratio": -8}), r"^Rules\(defaults=\.\.\.\): key 'defaults.ratio': ratio must be"),
+    (lambda: Rules(defaults=[("ratio", 8)]), r"^Rules\(\.\.\.\): key 'defaults': defaults must be SEOptions or a"),
+    (lambda: Rules(rules=[Selector(kind="residual")]), r"^Rules\(\.\.\.\): key 'rules': rules must be a list of "
+                                                         r"Rule objects, got Selector in the list"),
+    (lambda: Selector(stage=Selector()), r"^Selector\(\.\.\.\): key 'stage': stage must be a non-zero integer"),
+    (lambda: Selector(kind="residul"), r"^Selector\(\.\.\.\): key 'kind': kind must be one of residual, "),
+])
+def test_rule_objects_are_validated_like_rules_files(build, message):
+    with pytest.raises(RuleError, match=message):
+        build()
+
+
+def test_rule_objects_take_what_a_rules_file_writes():
+    r = Rules(defaults={"ratio": 8}, rules=[Rule(select={"stage": [-1]}), Rule(Selector(stage=3))])
+    assert r.defaults.ratio == 8 and r.rules[0].select.stage == (-1,) and r.rules[1].select.stage == (3,)
+    p = se_surgery.plan(resnet18(), r, input_size=32)
+    assert [e.site.name for e in p.selected] == ["layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+
+
+def test_exponent_numbers_yaml_11_reads_as_strings_are_numbers(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("defaults: {ratio: 1e2, min_hidden: 2E0}\nrules:\n  - select: {}\n    divisor: 8e0\n")
+    assert yaml.safe_load(f.read_text())["defaults"]["ratio"] == "1e2"  # what PyYAML gives
+    r = se_surgery.load_rules(f)
+    assert (r.defaults.ratio, r.defaults.min_hidden, r.rules[0].options) == (100, 2, {"divisor": 8})
+    f.write_text("defaults: {ratio: 1e400}\nrules: [{select: {}}]\n")
+    with pytest.raises(RuleError, match=r"ratio must be a number from 0.125 to 4096, got '1e400'"):
+        se_surgery.load_rules(f)
+
+
+def test_a_huge_rules_file_is_refused_in_the_parser(tmp_path):
+    import time
+
+    f = tmp_path / "r.yaml"
+    f.write_text("rules:\n" + "".join(f"  - {{select: {{name: 'l{i}'}}, ratio: 8}}\n" for i in range(6000)))
+    assert f.stat().st_size < 256 * 1024
+    start = time.perf_counter()
+    with pytest.raises(RuleError, match=r":\d+: more than 20,000 YAML values; a rules file needs a few dozen"):
+        se_surgery.load_rules(f)
+    assert time.perf_counter() - start < 10  # refused before safe_load builds it (it took 15 s and 776 MB)
+
+
+class _Bad(nn.Module):
+    def __init__(self, how: str, channels: int):
+        super().__init__()
+        self.how, self.conv = how, nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        if self.how == "channels":
+            return x[:, :1]
+        if self.how == "dtype":
+            return x.double()
+        if self.how == "spatial":
+            return x[..., ::2, ::2]
+        if self.how == "tuple":
+            return (x, x)
+        raise KeyError("boom")
+
+
+def _factory(how):
+    def make(channels):
+        if how == "raise":
+            raise ZeroDivisionError("no")
+        if how == "int":
+            return 3
+        return _Bad(how, channels)
+    return make
+
+
+@pytest.mark.parametrize("how, message", [
+    ("raise", r"could not be built for 256 channels with options \{\}: ZeroDivisionError: no"),
+    ("int", r"returned a int, not a torch.nn.Module"),
+    ("channels", r"maps a \(1, 256, 2, 2\) float32 input to \(1, 1, 2, 2\) float32; an inserted module must return "
+                 r"the shape and dtype it is given"),
+    ("dtype", r"maps a \(1, 256, 2, 2\) float32 input to \(1, 256, 2, 2\) float64"),
+    ("spatial", r"maps a \(1, 256, 2, 2\) float32 input to \(1, 256, 1, 1\) float32"),
+    ("tuple", r"its forward returns a tuple, not a tensor of the input's shape"),
+    ("forward", r"its forward fails on a \(1, 256, 2, 2\) float32 input: KeyError: 'boom'"),
+])
+def test_registered_factories_are_checked_at_plan_time(how, message):
+    name = f"bad_{how}"
+    se_surgery.register_module(name, _factory(how), overwrite=True)
+    rules = {"defaults": {"module": name}, "rules": [{"select": {"stage": 3}}]}
+    model = resnet18()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (se_surgery.plan, se_surgery.report, se_surgery.apply):  # report and apply agree
+        with pytest.raises(se_surgery.ModuleError, match=f"^module '{name}' at site layer3.0: .*{message}"):
+            call(model, rules, input_size=32)
+    assert not se_surgery.is_patched(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+_behaviours = st.sampled_from(["ok", "raise", "int", "none", "channels", "dtype", "spatial", "tuple", "forward"])
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.a(x)
+        return x + torch.relu(self.b(x))
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(how=_behaviours, options=st.dictionaries(st.sampled_from(["scale", "k"]),
+                                                st.one_of(st.integers(-3, 3), st.text(max_size=3), st.none()),
+                                                max_size=2),
+       raises=st.sampled_from([RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError]))
+def test_random_factories_give_results_or_module_errors(how, options, raises):
+    def factory(channels, scale=1, k=None):
+        if how == "raise":
+            raise raises("factory bug")
+        if how in ("int", "none"):
+            return 3 if how == "int" else None
+        if how == "ok":
+            return nn.Identity()
+        return _Bad(how if how != "forward" else "other", channels)
+
+    se_surgery.register_module("prop_mod", factory, overwrite=True)
+    rules = {"defaults": {"module": "prop_mod", **options}, "rules": [{"select": {}}]}
+    outcomes = []
+    for call in (se_surgery.report, se_surgery.apply):
+        try:
+            call(_Tiny(), rules, input_size=8)
+            outcomes.append("ok")
+        except se_surgery.SESurgeryError as e:
+            outcomes.append(type(e).__name__ + str(e))
+    assert outcomes[0] == outcomes[1]  # report and apply accept and refuse the same factories
+    assert (outcomes[0] == "ok") == (how == "ok")

@@ -131,6 +131,9 @@ def _duplicate(meta, tensors):
     (_duplicate, r"plan entry 4: 'layer3.0.se' appears twice in the plan"),
     (_dtype(torch.int64), r"tensor 'layer3.0.se.fc1.weight' has dtype torch.int64, this model's is torch.float32"),
     (_dtype(torch.bool), r"tensor 'layer3.0.se.fc1.weight' has dtype torch.bool"),
+    (_set("plan", "[" * 100_000 + "]" * 100_000), "metadata field 'plan' is nested too deeply to be a checkpoint's"),
+    (_set("sites", json.dumps([[["layer3.0"], "residual", 256]])),
+     r"metadata field 'sites' must list \[name, kind, channels\] triples \(a string, a string and an integer\)"),
 ])
 def test_every_field_is_checked_before_anything_changes(saved, tmp_path, edit, message):
     f, meta, tensors = saved
@@ -150,7 +153,7 @@ def test_save_names_the_users_path_and_replaces_only_files(tmp_path):
     model = se_surgery.apply(_base(), "late_stages", input_size=SIZE).requires_grad_(False)
     for path, message in [
         (None, "the checkpoint path must be a file name, got None"),
-        (tmp_path, f"'{tmp_path}' exists and is not a regular file"),
+        (tmp_path, f"'{tmp_path}' exists and is a directory; give a file name"),
         (tmp_path / "missing" / "se.safetensors", f"cannot write '{tmp_path}/missing/se.safetensors': the folder"),
         ("/proc/se.safetensors", "cannot write '/proc/se.safetensors': "),
     ]:
@@ -164,3 +167,67 @@ def test_layer_scaled_branches_are_warned_about():
         warnings.simplefilter("always")
         se_surgery.plan(torchvision.models.convnext_tiny(), "all_stages", input_size=32)
     assert any("scale their branch by a learned layer scale" in str(w.message) for w in caught)
+
+
+def _patched():
+    return se_surgery.apply(_base(), "late_stages", input_size=SIZE).requires_grad_(False)
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    long = tmp_path / ("x" * 300 + ".safetensors")
+    for path, error, message in [
+        (tmp_path, CheckpointError, f"SE checkpoint '{tmp_path}' is a directory, not a file"),
+        (fifo, CheckpointError, f"SE checkpoint '{fifo}' is a named pipe (FIFO), not a file"),
+        ("/dev/zero", CheckpointError, "SE checkpoint '/dev/zero' is a device, not a file"),
+        (empty, CheckpointError, f"SE checkpoint '{empty}' is empty (0 bytes)"),
+        (long, CheckpointError, f"'{str(long)[:60]}...{str(long)[-57:]}': cannot look at it: File name too long"),
+        (tmp_path / "none.safetensors", se_surgery.MissingFileError, "SE checkpoint '.*none.safetensors' not found"),
+        (["a"], CheckpointError, r"the checkpoint path must be a file name, got \['a'\]"),
+    ]:
+        with pytest.raises(error, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+            se_surgery.load_se(_base(), path)
+    with pytest.raises(CheckpointError, match="cannot look at it: File name too long"):
+        se_surgery.save_se(_patched(), long)
+
+
+def test_a_full_disk_names_the_users_path(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError(f"Error while serializing: IoError(Os {{ code: 28, kind: StorageFull, message: "
+                              f"\"No space left on device\" }}) writing {filename}")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    target = tmp_path / "se.safetensors"
+    with pytest.raises(CheckpointError, match=f"^cannot write '{target}': Error while serializing: .*No space left "
+                                              "on device.* writing the file$"):
+        se_surgery.save_se(_patched(), target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_meta_device_models_are_refused_with_what_to_do(tmp_path, saved):
+    f, _, _ = saved
+    for call in (lambda m: se_surgery.save_se(se_surgery.apply(m, "late_stages", input_size=SIZE), tmp_path / "x"),
+                 lambda m: se_surgery.load_se(m, f)):
+        with pytest.raises(CheckpointError, match=r"conv1.weight is on the meta device \(shapes without values\); "
+                                                  "materialise the model first"):
+            call(_base().to("meta"))
+
+
+def test_files_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "se.safetensors"
+        se_surgery.save_se(_patched(), target)
+        assert oct(target.stat().st_mode & 0o777) == oct(0o644)
+    finally:
+        os.umask(old)

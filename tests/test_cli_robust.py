@@ -105,7 +105,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, pattern):
     (["sites", "resnet18", "--input-size", "1x2x3x4"], r"expected N, HxW or CxHxW"),
     (["sites", "resnet18", "--num-classes", "0"], r"--num-classes: expected an integer from 1 to 100,000, got '0'$"),
     (["bogus"], r"invalid choice: 'bogus'"),
-    ([], r"the following arguments are required: COMMAND$"),
 ])
 def test_usage_errors_exit_2_with_argparse_usage(argv, pattern):
     code, out, err = run(argv)
@@ -330,3 +329,106 @@ def test_random_model_commands_exit_0_or_2(tmp_path_factory, command, extra, rul
     path.write_bytes(rules)
     code, _, err = run([command, "resnet18", "--input-size", "32", *(a.format(rules=path) for a in extra)])
     _assert_clean(code, err)
+
+
+# ---------------------------------------------------------------- issue 21: files, flags, formats
+
+
+def test_bare_command_prints_help():
+    code, out, err = run([])
+    assert code == 0 and err == ""
+    assert out.startswith("usage: se-surgery") and "Run 'se-surgery COMMAND --help'" in out
+
+
+@pytest.fixture(scope="module")
+def se_file(tmp_path_factory):
+    """An SE checkpoint of resnet18 patched with late_stages at 64 px."""
+    import warnings
+
+    f = tmp_path_factory.mktemp("se") / "se.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        se_surgery.save_se(se_surgery.apply(torchvision.models.resnet18(), "late_stages", input_size=64), f)
+    return f
+
+
+def test_report_and_plan_show_an_se_checkpoint_as_it_was_saved(se_file):
+    code, out, err = run(["report", "resnet18", "--se", str(se_file), "--format", "json"])
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["input_size"] == [3, 64, 64]  # the size it was patched at, not 224
+    assert [s["name"] for s in data["sites"]] == ["layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+    assert data["added_params"] == 2 * (2 * 256 * 16 + 16 + 256) + 2 * (2 * 512 * 32 + 32 + 512)
+    code, out, err = run(["plan", "resnet18", "--se", str(se_file)])
+    assert code == 0, err
+    assert out.startswith("ResNet at 3x64x64, rules preset late_stages: SE at 4 of 8 sites")
+    code, out, err = run(["report", "resnet34", "--se", str(se_file)])
+    assert code == 2 and out == "" and "made for a torchvision.models.resnet.ResNet" not in err
+    assert err.startswith(f"se-surgery: error: {se_file}: ") and len(err.splitlines()) == 1
+
+
+def test_se_checkpoint_given_as_weights_says_use_se(se_file):
+    code, out, err = run(["report", "resnet18", "--weights", str(se_file)])
+    assert (code, out) == (2, "")
+    assert err == (f"se-surgery: error: {se_file} is an SE checkpoint (from se_surgery.save_se), not base weights: "
+                   "pass it as --se FILE (and the base weights, if any, as --weights)\n")
+
+
+def test_empty_weights_file_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    code, _, err = run(["sites", "resnet18", "--weights", str(empty)])
+    assert code == 2 and err.startswith(f"se-surgery: error: cannot load weights from {empty}: "), err
+    assert "internal error" not in err and len(err.splitlines()) == 1
+
+
+def test_pretrained_without_a_network_fails_in_seconds(tmp_path, monkeypatch):
+    import time
+
+    from se_surgery import cli
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # nothing cached
+    monkeypatch.setattr(cli, "_reachable", lambda host, timeout=3.0: False)
+    start = time.perf_counter()
+    code, out, err = run(["sweep", "tv:resnet18", "--pretrained", "--data", "digits", "--out",
+                          str(tmp_path / "r.jsonl")])
+    assert time.perf_counter() - start < 30
+    assert (code, out) == (2, "")
+    assert err == ("se-surgery: error: --pretrained: the weights of tv:resnet18 are not cached and "
+                   "download.pytorch.org cannot be reached (no network?); pass a local checkpoint as --weights FILE\n")
+
+
+def test_compare_uses_the_single_reports_headers_and_formats():
+    code, out, _ = run(["report", "resnet18", "--rules", "all_stages", "--rules", "late_stages", "--input-size", "64"])
+    assert code == 0
+    head, rule, *rows = [ln for ln in out.splitlines() if ln.strip()][1:4]
+    assert head.split() == ["rules", "module", "sites", "added", "params", "params", "%", "added", "MACs", "MACs", "%"]
+    pct = re.findall(r"\d+\.\d+ %", rows[0])
+    assert len(pct) == 2 and all(len(p.split(".")[1]) == len("00 %") for p in pct), rows[0]
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags():
+    from se_surgery import sweep
+
+    with pytest.raises(sweep.SweepError, match=r"^weight_decay -1: must be a finite number from 0 to 1000$"):
+        sweep.SweepConfig("m", "digits", weight_decay=-1).check()
+    code, _, err = run(["sweep", "timm:test_resnet", "--data", "digits", "--weight-decay", "-1"])
+    assert (code, err) == (2, "se-surgery: error: --weight-decay -1.0: must be a finite number from 0 to 1000\n")
+
+
+def test_plugin_warnings_use_the_cli_one_line_format(monkeypatch, capsys):
+    from se_surgery import modules
+
+    monkeypatch.setattr(modules, "_REGISTRY", None)
+
+    class Broken:
+        name, value, dist = "broken", "pkg:Missing", None
+
+        def load(self):
+            raise ImportError("No module named 'pkg'\nsecond line")
+
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [Broken()])
+    code, out, err = run(["check", "late_stages"])  # check looks up module names
+    assert code == 0
+    assert err == ("se-surgery: warning: module plugin 'broken' (pkg:Missing) failed to load: ImportError: No module "
+                   "named 'pkg' (rules cannot use it)\n")

@@ -90,7 +90,7 @@ def test_cli_report_json_and_compare(capsys):
     assert [ln.split()[1] for ln in lines] == ["all_stages", "late_stages"]
     assert main(["report", "resnet18", "--rules", "all_stages", "--rules", "late_stages", "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [r["SE sites"] for r in rows] == ["8", "4"]
+    assert [r["sites"] for r in rows] == ["8", "4"]
 
 
 def test_cli_plot(tmp_path, capsys):

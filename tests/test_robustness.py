@@ -2,6 +2,7 @@
 patched models at other input sizes, batch sizes, modes, dtypes and devices."""
 
 import contextlib
+import threading
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ import torchvision
 from torch import nn
 
 import se_surgery
-from se_surgery import SqueezeExcite
+from se_surgery import SqueezeExcite, hf
 from se_surgery.plan import se_modules
 from se_surgery.sites import discover
 
@@ -563,3 +564,82 @@ def test_to_cuda_after_apply(resnet18):
     x = torch.randn(2, 3, 96, 64, device="cuda")
     assert torch.equal(_out(patched, x), _out(base, x))
     assert isinstance(patched.layer1[0].se, SqueezeExcite) and patched.layer1[0].se.fc1.weight.is_cuda
+
+
+# ------------------------------------------------------------- issue 21: models off the happy road
+
+
+class _Locked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torchvision.models.resnet18()
+        self.lock = threading.Lock()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_model_that_cannot_be_copied_says_use_inplace():
+    model = _Locked()
+    with pytest.raises(se_surgery.ModelTypeError, match=r"^apply\(\) works on a copy of the model \(inplace=False\), "
+                                                        r"and _Locked cannot be deep-copied: TypeError: cannot pickle "
+                                                        r"'_thread.lock' object .*pass inplace=True"):
+        se_surgery.apply(model, "late_stages", input_size=32)
+    assert not se_surgery.is_patched(model)
+    assert se_surgery.is_patched(se_surgery.apply(model, "late_stages", input_size=32, inplace=True))
+
+
+def test_report_of_a_compiled_patched_model_describes_the_model_it_runs():
+    patched = se_surgery.apply(torchvision.models.resnet18(), "late_stages", input_size=64)
+    r = se_surgery.report(torch.compile(patched))
+    assert r.input_size == (3, 64, 64)  # the size it was patched at
+    assert (r.added_params, len(r.sites)) == (se_surgery.report(patched).added_params, 4)
+
+
+class _DictInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torchvision.models.resnet18()
+
+    def forward(self, batch: dict):
+        return self.net(batch["image"])
+
+
+def test_a_forward_that_takes_a_dict_is_told_how_to_wrap_it():
+    with pytest.raises(se_surgery.TraceError, match=r"^cannot find the joins of _DictInput: its forward failed on a "
+                                                    r"fake input of size 3x32x32: IndexError: .* Discovery calls "
+                                                    r"forward\(x\) with one image tensor of shape \(1, 3, 32, 32\); .*"
+                                                    r"wrap the model in a module whose forward\(x\) calls it"):
+        se_surgery.find_sites(_DictInput(), 32)
+
+
+def _hf_resnet():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic")
+    return ResNetForImageClassification(cfg).eval()
+
+
+def test_hugging_face_untraced_parts_are_explained_once():
+    import warnings
+
+    model = _hf_resnet()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own filter: once per place
+        warnings.filterwarnings("default", category=se_surgery.SESurgeryWarning)
+        for call in (se_surgery.plan, se_surgery.report, se_surgery.apply):
+            call(model, "all_stages", input_size=64)
+    said = [str(w.message) for w in caught if "could not be traced" in str(w.message)]
+    assert len(said) == 1, said
+    assert said[0].startswith("4 module(s) of ResNetForImageClassification could not be traced as a whole, so joins "
+                              "inside them were searched only in the submodules that did trace (4 site(s) found)")
+
+
+def test_hugging_face_directory_without_the_se_plan_is_refused(tmp_path):
+    from transformers import ResNetForImageClassification
+
+    _hf_resnet().save_pretrained(tmp_path)
+    with pytest.raises(se_surgery.MissingFileError, match=r"has no se.safetensors: it was not written by "
+                                                          r"se_surgery.hf.save_pretrained"):
+        hf.from_pretrained(ResNetForImageClassification, tmp_path)
