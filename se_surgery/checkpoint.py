@@ -23,7 +23,15 @@ from torch import nn
 
 from ._checks import check_model
 from ._compat import orig_mod
-from .errors import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError, RuleError, SESurgeryWarning
+from .errors import (
+    AlreadyPatchedError,
+    CheckpointError,
+    MissingFileError,
+    NotPatchedError,
+    RuleError,
+    SESurgeryWarning,
+    warn,
+)
 from .insert import build_patches, plan_facts
 from .patch import OwnerPatch, base_class, copy_model, swap
 from .plan import Plan, PlannedSite, plan_from
@@ -224,9 +232,9 @@ def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = F
     se_ids = {id(p) for _, m, _ in mods for p in m.parameters()}
     trainable = [n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in se_ids]
     if trainable and not include_base:
-        warnings.warn(f"{len(trainable)} base parameter(s) of {type(inner).__name__} are trainable (e.g. "
-                      f"{trainable[0]}): if they were trained, save_se(..., include_base=True) keeps them; this "
-                      "checkpoint holds only the SE weights", SESurgeryWarning, stacklevel=2)
+        warn(f"{len(trainable)} base parameter(s) of {type(inner).__name__} are trainable (e.g. {trainable[0]}): "
+             "if they were trained, save_se(..., include_base=True) keeps them; this checkpoint holds only the SE "
+             "weights")
     # The facts are on the model apply() returned: a wrapper's when the wrapper was applied to.
     meta = _metadata(inner, prefix, mods, _one_plan(model), include_base)
     state = inner.state_dict()

@@ -7,6 +7,10 @@ bad values, ``TypeError`` for wrong types, ``FileNotFoundError`` for missing fil
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 
 class SESurgeryError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -54,3 +58,19 @@ class SESurgeryWarning(UserWarning):
 
 class ModuleError(SESurgeryError, ValueError):
     """A channel-attention module name, factory, plugin or option is invalid."""
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str, category: type[Warning] = SESurgeryWarning) -> None:
+    """Warn, naming the user's own line as the place: the first caller outside se-surgery.
+
+    However deep inside the package the warning arises, Python's warning filters then see
+    one place per user call, so ``plan``, ``report`` and ``apply`` of one model on one
+    line say a thing once under the default filter.
+    """
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -10,7 +9,7 @@ from torch import nn
 
 from . import modules
 from ._checks import check_model
-from .errors import AlreadyPatchedError, PlanError, SESurgeryWarning, TraceError
+from .errors import AlreadyPatchedError, PlanError, TraceError, warn
 from .record import inserted_modules, is_patched
 from .rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
 from .sites import Analysis, Site, analysis_of, discover, fingerprint, forward_failed
@@ -348,7 +347,7 @@ def plan_from(rules: Rules, d: Analysis, *, strict: bool = False,
     _check_modules(entries)
     untraced = _untraced(d, strict)
     for msg in notes:
-        warnings.warn(msg, SESurgeryWarning, stacklevel=3)
+        warn(msg)
     if untraced:  # listed in Plan.untraced; said once here for callers who only see warnings
-        warnings.warn(untraced, SESurgeryWarning, stacklevel=3)
+        warn(untraced)
     return Plan(d.model, d.input_size, rules, entries, list(d.untraced), notes, d.fingerprint, d)

@@ -380,11 +380,11 @@ def test_has_attention_generic_pattern():
 
 
 @pytest.mark.parametrize("name, expected", [
-    # torchvision SqueezeExcitation: every MBConv block of efficientnet, every regnet_y block;
-    # mobilenet_v3_large has SE only in some blocks.
-    ("efficientnet_b0", [True] * 9),
+    # torchvision SqueezeExcitation: every MBConv block of efficientnet (16: residual and block
+    # sites), every regnet_y block; mobilenet_v3_large has SE in the 9 blocks its config marks.
+    ("efficientnet_b0", [True] * 16),
     ("regnet_y_400mf", [True] * 16),
-    ("mobilenet_v3_large", [False, False, True, True, False, False, False, True, True, True]),
+    ("mobilenet_v3_large", [False] * 3 + [True] * 3 + [False] * 4 + [True] * 5),
     ("regnet_x_400mf", [False] * 22),
     ("resnet18", [False] * 8),
 ])
@@ -414,7 +414,8 @@ def mnv3():
 def test_select_has_attention_filters(mnv3, flag):
     sites = se_surgery.find_sites(mnv3, 64)
     with _quiet():
-        p = se_surgery.plan(mnv3, {"rules": [{"select": {"has_attention": flag}}]}, input_size=64)
+        # inner: the one variant residual and block sites both take
+        p = se_surgery.plan(mnv3, {"rules": [{"select": {"has_attention": flag}, "variant": "inner"}]}, input_size=64)
     assert [e.site.name for e in p.selected] == [s.name for s in sites if s.has_attention == flag]
     assert 0 < len(p.selected) < len(sites)
 
@@ -435,7 +436,7 @@ def test_presets_never_double_se(mnv3, preset):
 
 def test_all_stages_on_a_model_that_has_se_everywhere_adds_nothing():
     model = torchvision.models.efficientnet_b0().eval()
-    with pytest.warns(se_surgery.SESurgeryWarning, match=r"rule 0 selects no site of EfficientNet \(9 sites"):
+    with pytest.warns(se_surgery.SESurgeryWarning, match=r"rule 0 selects no site of EfficientNet \(16 sites"):
         patched = se_surgery.apply(model, "all_stages", input_size=64)
     assert se_modules(patched) == []
 
@@ -625,14 +626,13 @@ def test_hugging_face_untraced_parts_are_explained_once():
     import warnings
 
     model = _hf_resnet()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")  # Python's own filter: once per place
-        warnings.filterwarnings("default", category=se_surgery.SESurgeryWarning)
-        for call in (se_surgery.plan, se_surgery.report, se_surgery.apply):
+    for call in (se_surgery.plan, se_surgery.report, se_surgery.apply):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             call(model, "all_stages", input_size=64)
-    said = [str(w.message) for w in caught if "could not be traced" in str(w.message)]
-    assert len(said) == 1, said
-    assert said[0].startswith("4 module(s) of ResNetForImageClassification could not be traced as a whole, so joins "
+        said = [(str(w.message), w.filename) for w in caught if "could not be traced" in str(w.message)]
+        assert len(said) == 1 and said[0][1] == __file__, said  # once a call, at the caller's line
+    assert said[0][0].startswith("4 module(s) of ResNetForImageClassification could not be traced as a whole, so joins "
                               "inside them were searched only in the submodules that did trace (4 site(s) found)")
 
 
