@@ -162,17 +162,6 @@ def test_applying_twice_is_refused(patched50):
         se_surgery.apply(patched50)
 
 
-def test_error_leaves_model_untouched(resnet50):
-    bad = {"rules": [{"select": {"kind": "residual"}, "variant": "pre"}, {"select": {"stage": 5}}]}
-    before = {k: v.clone() for k, v in resnet50.state_dict().items()}
-    blocks = list(resnet50.modules())
-    for inplace in (False, True):
-        with pytest.raises(se_surgery.PlanError, match="has no stage 5"):
-            se_surgery.apply(resnet50, bad, inplace=inplace)
-    assert list(resnet50.modules()) == blocks
-    assert all(torch.equal(before[k], v) for k, v in resnet50.state_dict().items())
-
-
 def test_inception_v3_with_inception_preset():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -191,7 +180,8 @@ def test_inception_v3_with_inception_preset():
 
 @pytest.mark.parametrize("name", ["resnet50", "convnext_tiny"])
 def test_timm_model_keeps_its_api(name):
-    timm = pytest.importorskip("timm")
+    import timm
+
     base = timm.create_model(name, pretrained=False).eval()
     model = se_surgery.apply(base, "all_stages")
     assert type(model) is type(base)

@@ -94,7 +94,6 @@ def test_cli_report_json_and_compare(capsys):
 
 
 def test_cli_plot(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     png = tmp_path / "se.png"
     assert main(["report", "resnet18", "--plot", str(png), "--input-size", "64"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torchvision
 
 import se_surgery
 from se_surgery.plan import se_modules
 from se_surgery.sites import discover
-
-timm = pytest.importorskip("timm")
 
 COVERAGE = Path(__file__).resolve().parent.parent / "docs" / "coverage.md"
 SMALL = 64  # input size wherever the model takes it
