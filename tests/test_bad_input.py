@@ -130,7 +130,7 @@ def se_checkpoint_not_ours(model, tmp):
 def se_checkpoint_other_model(model, tmp):
     path = tmp / "se34.safetensors"
     se_surgery.save_se(se_surgery.apply(torchvision.models.resnet34(), "late_stages"), path)
-    se_surgery.load_se(model, path)
+    se_surgery.load_se(model, path, inplace=True)
 
 
 CASES = [
@@ -262,7 +262,8 @@ CASES = [
     ("se_checkpoint_truncated", se_checkpoint_truncated, CheckpointError,
      r"se\.safetensors: not a readable safetensors file \(", resnet18),
     ("se_checkpoint_not_ours", se_checkpoint_not_ours, CheckpointError,
-     r"plain\.safetensors: not an se-surgery checkpoint of this version \(metadata format None, expected 'se-surgery/2'\)", resnet18),
+     r"plain\.safetensors: not an se-surgery checkpoint of this version \(metadata format None, expected 'se-surgery/2'\); "
+     r"write one with se_surgery\.save_se$", resnet18),
     ("se_checkpoint_other_model", se_checkpoint_other_model, CheckpointError,
      r"se34\.safetensors: site 'layer1\.2' \(residual, 64 channels\) is not in this ResNet \(8 sites", resnet18),
 ]
