@@ -426,6 +426,8 @@ def _out(model, x):
 @pytest.mark.parametrize("preset", ["all_stages", "se_pre", "se_post", "se_identity"])
 def test_other_sizes_and_batch_one(resnet18, preset):
     patched = se_surgery.apply(resnet18, preset, input_size=64).eval()
+    variant = {"all_stages": "standard", "se_pre": "pre", "se_post": "post", "se_identity": "identity"}[preset]
+    assert {m.se_options.variant for _, m in se_modules(patched)} == {variant}
     for shape in [(1, 3, 64, 64), (1, 3, 97, 131), (3, 3, 32, 48), (2, 3, 224, 224)]:
         x = torch.randn(shape)
         assert torch.equal(_out(patched, x), _out(resnet18, x)), shape
