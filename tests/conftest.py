@@ -67,6 +67,7 @@ def pytest_sessionfinish(session, exitstatus):
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         lines = ["the tests wrote into the checkout (use tmp_path):", *written]
         if reporter is not None:
+            reporter.ensure_newline()
             reporter.write_sep("=", "files written into the checkout", red=True)
             for line in lines:
                 reporter.write_line(line)
