@@ -52,16 +52,6 @@ def test_resnet50_all_stages_params_class_and_weights(resnet50, patched50):
     assert not any(isinstance(m, SqueezeExcite) for m in resnet50.modules())
 
 
-@pytest.mark.parametrize("preset", ["all_stages", "se_pre", "se_post", "se_identity"])
-def test_identity_init_keeps_outputs(resnet50, preset):
-    model = se_surgery.apply(resnet50, preset).eval()
-    variant = {"all_stages": "standard", "se_pre": "pre", "se_post": "post", "se_identity": "identity"}[preset]
-    assert {r.options.variant for _, _, r in se_surgery.inserted_modules(model)} == {variant}
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        assert torch.equal(model(x), resnet50(x))
-
-
 def test_variant_placement(resnet50):
     # A rewritten block's forward is generated code with its source registered, as fx's.
     code = {v: inspect.getsource(type(se_surgery.apply(resnet50, f"se_{v}").layer2[0]).forward)
@@ -122,7 +112,7 @@ def test_state_dict_save_load_roundtrip(patched50):
         assert torch.equal(fresh(x), patched50(x))
 
 
-def test_deepcopy_pickle_and_jit_trace(patched50):
+def test_deepcopy_and_pickle(patched50):  # torch.jit and fx: test_deployment.py
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         ref = patched50(x)
@@ -130,8 +120,6 @@ def test_deepcopy_pickle_and_jit_trace(patched50):
             assert torch.equal(other(x), ref)
             assert list(other.state_dict()) == list(patched50.state_dict())
             assert other.layer1[0].stride == 1  # plain attributes of the block survive
-        traced = torch.jit.trace(patched50, x)
-        assert torch.equal(traced(x), ref)
 
 
 def test_torch_compile():
@@ -157,22 +145,6 @@ def test_inplace_and_not(resnet50):
     assert out is base and isinstance(base.layer4[0].se, SqueezeExcite)
 
 
-def test_applying_twice_is_refused(patched50):
-    with pytest.raises(se_surgery.AlreadyPatchedError, match="already has 16 SE module"):
-        se_surgery.apply(patched50)
-
-
-def test_error_leaves_model_untouched(resnet50):
-    bad = {"rules": [{"select": {"kind": "residual"}, "variant": "pre"}, {"select": {"stage": 5}}]}
-    before = {k: v.clone() for k, v in resnet50.state_dict().items()}
-    blocks = list(resnet50.modules())
-    for inplace in (False, True):
-        with pytest.raises(se_surgery.PlanError, match="has no stage 5"):
-            se_surgery.apply(resnet50, bad, inplace=inplace)
-    assert list(resnet50.modules()) == blocks
-    assert all(torch.equal(before[k], v) for k, v in resnet50.state_dict().items())
-
-
 def test_inception_v3_with_inception_preset():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -191,7 +163,8 @@ def test_inception_v3_with_inception_preset():
 
 @pytest.mark.parametrize("name", ["resnet50", "convnext_tiny"])
 def test_timm_model_keeps_its_api(name):
-    timm = pytest.importorskip("timm")
+    import timm
+
     base = timm.create_model(name, pretrained=False).eval()
     model = se_surgery.apply(base, "all_stages")
     assert type(model) is type(base)

@@ -36,7 +36,6 @@ def test_unknown_model_names_close_matches(capsys):
 
 
 def test_timm_prefix():
-    pytest.importorskip("timm")
     assert type(build_model("timm:resnet18")).__module__.startswith("timm")
     assert type(build_model("resnet18")).__module__.startswith("torchvision")
 

@@ -46,6 +46,8 @@ def _files(tmp):
         "huge_divisor": b"defaults: {divisor: 1000000}\nrules: [{select: {}}]\n",
         "huge_min_hidden": b"rules:\n  - select: {}\n    min_hidden: 100000000\n",
         "huge_int": b"rules:\n  - select: {}\n    ratio: " + b"7" * 5000 + b"\n",
+        "broken": b"rules: [select: {kind: residual\n",
+        "stage9": b"rules: [{select: {stage: 9}}]\n",
         "long": None,
     }
     paths = {}
@@ -60,6 +62,10 @@ def _files(tmp):
 
 
 BAD = [  # (id, argv, the one line on stderr)
+    ("broken_yaml", ["check", "{broken}"], r"broken\.yaml:2: invalid YAML: expected ',' or '}'"),
+    ("broken_yaml_plan", ["plan", "resnet18", "--rules", "{broken}"], r"broken\.yaml:2: invalid YAML: expected ',' or '}'"),
+    ("stage_9_of_4_plan", ["plan", "resnet18", "--rules", "{stage9}"],
+     r"stage9\.yaml:1: rule 0, key 'stage': ResNet has no stage 9"),
     ("nested_1000_deep", ["check", "{deep}"], r"deep\.yaml:1: invalid YAML: nested more than 64 levels deep"),
     ("latin1_file", ["check", "{latin1}"], (r"latin1\.yaml:2: not UTF-8 text \(byte 0xe9 at offset 30\); save the "
                                            r"rules file as UTF-8$")),
@@ -89,7 +95,6 @@ BAD = [  # (id, argv, the one line on stderr)
 
 @pytest.mark.parametrize("argv, pattern", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, pattern):
-    pytest.importorskip("matplotlib")
     paths = _files(tmp_path)
     code, out, err = run([a.format(**paths) for a in argv])
     assert code == 2, err
@@ -195,7 +200,6 @@ def test_csv_keeps_totals_apart_from_site_rows():
 
 
 def test_plot_has_integer_stage_ticks_centred_bars_and_the_model_name(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
     figures = []

@@ -45,6 +45,25 @@ class Net(nn.Module):
         return x + F.relu(self.tail(x))  # a join in the root's own forward
 
 
+class CachingBlock(nn.Module):
+    """Caches a tensor in eval mode and reads it back later, as timm's attention_bias_cache does."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.scale = nn.Parameter(torch.ones(c, 1, 1))
+        self.cache = {}
+
+    def forward(self, x):
+        if not self.training:
+            if "s" not in self.cache:
+                self.cache["s"] = self.scale * 2
+            s = self.cache["s"]
+        else:
+            s = self.scale * 2
+        return x + F.relu(self.conv(x)) * s
+
+
 def test_looking_runs_no_user_code_and_changes_nothing():
     model = Net().train()
     model.block.eval()
@@ -52,6 +71,7 @@ def test_looking_runs_no_user_code_and_changes_nothing():
     model.block.register_forward_hook(lambda m, a, o: fired.append("fwd"))
     model.block.register_forward_pre_hook(lambda m, a: fired.append("pre"))
     handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: fired.append("global"))
+    hooks = [(n, len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()]
     try:
         before = {k: v.clone() for k, v in model.state_dict().items()}
         flags = {n: m.training for n, m in model.named_modules()}
@@ -65,7 +85,22 @@ def test_looking_runs_no_user_code_and_changes_nothing():
     assert model.block.seen.item() == 0 and model.block.calls == 0 and model.block.cache == {}
     assert {n: m.training for n, m in model.named_modules()} == flags
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert not se_surgery.is_patched(model)
+    assert type(model) is Net and type(model.block) is Counting and not se_surgery.is_patched(model)
+    assert [(n, len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()] == hooks
+
+    # A cache that later forwards read back: tracing and fake runs fill it, and must undo that in
+    # the model and in the patched copy, or the copy would compute with a fake tensor.
+    torch.manual_seed(0)
+    cached = nn.Sequential(nn.Conv2d(3, 8, 1), CachingBlock(8)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", se_surgery.SESurgeryWarning)  # the layer-scale advice
+        assert len(se_surgery.find_sites(cached, 16)) == 1
+        patched = se_surgery.apply(cached, input_size=16)
+        se_surgery.report(cached, input_size=16)
+    assert cached[1].cache == {} and patched[1].cache == {}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(patched(x), cached(x))
 
 
 def test_blocks_keep_class_methods_and_hooks():
@@ -187,14 +222,16 @@ def test_site_kinds_are_told_apart():
     ("convnextv2_atto", 12, 0),  # GRN's "+ x" is inside a normalisation layer
 ])
 def test_long_tail_joins(name, residual, other):
-    timm = pytest.importorskip("timm")
+    import timm
+
     sites = se_surgery.find_sites(timm.create_model(name), 64)
     assert sum(s.kind == "residual" for s in sites) == residual
     assert sum(s.kind != "residual" for s in sites) == other
 
 
 def test_has_attention_is_decided_on_the_whole_block():
-    timm = pytest.importorskip("timm")
+    import timm
+
     sites = se_surgery.find_sites(timm.create_model("ghostnet_100"), 64)
     # GhostNet's concats sit in GhostModules; the SE sits in the bottleneck that holds them.
     blocks_with_se = {s.owner for s in sites if s.kind == "residual" and s.has_attention}
@@ -212,7 +249,8 @@ def test_stages_do_not_depend_on_the_input_size():
 
 
 def test_gate_scale_travels_with_the_weights_and_a_mismatch_is_loud():
-    timm = pytest.importorskip("timm")
+    import timm
+
     ref = timm.create_model("seresnet18").eval()
     weights = ref.state_dict()
     default = se_surgery.apply(torchvision.models.resnet18(), "all_stages", input_size=32)
@@ -283,7 +321,8 @@ class _TwoInputs(nn.Module):
 
 
 def test_restructuring_a_rewritten_block_is_refused_not_broken():
-    timm = pytest.importorskip("timm")
+    import timm
+
     model = timm.create_model("repvgg_a0").eval()
     patched = se_surgery.apply(model, {"rules": [{"select": {"kind": "branch_sum", "stage": -1}}]}, input_size=64)
     block = patched.stages[-1][0]

@@ -48,7 +48,8 @@ def test_se_changes_the_output(example):
 
 
 def _onnx_max_diff(model, x, path, dynamo: bool) -> float:
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter notices (opset, deprecations) are not ours
         torch.onnx.export(model, (x,), str(path), dynamo=dynamo, input_names=["x"], output_names=["y"])
@@ -59,14 +60,12 @@ def _onnx_max_diff(model, x, path, dynamo: bool) -> float:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_onnx_legacy_export_matches_onnxruntime(tmp_path, example, variant):
-    pytest.importorskip("onnx")
     assert _onnx_max_diff(patched(variant), example, tmp_path / "m.onnx", dynamo=False) < 2e-6
 
 
 @pytest.mark.slow  # 4 to 12 s per variant on one loaded CPU thread
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_onnx_dynamo_export_matches_onnxruntime(tmp_path, example, variant):
-    pytest.importorskip("onnxscript")
     assert _onnx_max_diff(patched(variant), example, tmp_path / "m.onnx", dynamo=True) < 2e-6
 
 

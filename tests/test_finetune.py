@@ -21,10 +21,9 @@ import torch
 import torchvision
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torchvision.models.resnet import BasicBlock, ResNet
 
 import se_surgery
-from se_surgery import AlreadyPatchedError, CheckpointError, MissingFileError, NotPatchedError
+from se_surgery import AlreadyPatchedError, CheckpointError, NotPatchedError
 from se_surgery.cli import build_for_training
 from se_surgery.record import plan_facts
 from se_surgery.train import Dist, digits_data, evaluate, load_base_weights
@@ -218,19 +217,6 @@ def test_round_trip_keeps_per_site_options(tv_resnet18, tmp_path):
                     ("layer4.0.se", "post", "avgmax", 128), ("layer4.1.se", "post", "avgmax", 128)]
 
 
-def test_load_se_names_a_missing_site(tv_resnet18, tmp_path):
-    f = tmp_path / "se.safetensors"
-    se_surgery.save_se(se_surgery.apply(tv_resnet18, input_size=SIZE), f)
-    shorter = ResNet(BasicBlock, [2, 1, 2, 2], num_classes=10)
-    before = {k: v.clone() for k, v in shorter.state_dict().items()}
-    with pytest.raises(CheckpointError) as e:
-        se_surgery.load_se(shorter, f, inplace=True)
-    assert str(e.value) == f"{f}: site 'layer2.1' (residual, 128 channels) is not in this ResNet " \
-                           "(7 sites; se-surgery sites MODEL lists them)"
-    assert not se_surgery.is_patched(shorter)
-    assert all(torch.equal(v, before[k]) for k, v in shorter.state_dict().items())
-
-
 def test_load_se_names_other_channels(tuned):
     _, out = tuned
     wider = build_for_training("timm:resnet10t", 10)  # same class and blocks as test_resnet, twice the channels
@@ -238,15 +224,6 @@ def test_load_se_names_other_channels(tuned):
         se_surgery.load_se(wider, out)
     assert str(e.value) == f"{out}: site 'layer1.0' is a residual join of 64 channels in this ResNet, a residual " \
                            "join of 32 channels in the checkpoint's model"
-
-
-def test_load_se_names_another_block_type(tv_resnet18, tmp_path):
-    f = tmp_path / "se.safetensors"
-    se_surgery.save_se(se_surgery.apply(tv_resnet18, input_size=SIZE), f)
-    with pytest.raises(CheckpointError) as e:
-        se_surgery.load_se(torchvision.models.resnet50(num_classes=10), f)
-    assert str(e.value) == f"{f}: site 'layer1.0' is a residual join of 256 channels in this ResNet, a residual " \
-                           "join of 64 channels in the checkpoint's model"
 
 
 def test_load_se_refuses_another_class(tuned):
@@ -267,19 +244,6 @@ def test_load_se_names_a_tensor_of_the_wrong_shape(tv_resnet18, tmp_path):
         se_surgery.load_se(torchvision.models.resnet18(num_classes=10), bad)
     assert str(e.value) == f"{bad}: tensor 'layer3.0.se.fc1.weight' has shape (8, 256, 1, 1), this model needs " \
                            "(16, 256, 1, 1)"
-
-
-def test_load_se_refuses_files_it_did_not_write(pretrained, tmp_path, tv_resnet18):
-    with pytest.raises(CheckpointError) as e:
-        se_surgery.load_se(fresh(pretrained[0]), pretrained[0])
-    assert str(e.value) == f"{pretrained[0]}: not an se-surgery checkpoint of this version (metadata format None, " \
-                           "expected 'se-surgery/2'); write one with se_surgery.save_se"
-    junk = tmp_path / "junk.safetensors"
-    junk.write_bytes(b"\x00" * 16)
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        se_surgery.load_se(tv_resnet18, junk)
-    with pytest.raises(MissingFileError):
-        se_surgery.load_se(tv_resnet18, tmp_path / "nope.safetensors")
 
 
 def test_load_se_refuses_a_patched_model(tv_resnet18, tmp_path):

@@ -103,7 +103,6 @@ def test_skip_closes_the_join_in_the_same_call(name):
 
 
 def _timm_modules(channels):
-    pytest.importorskip("timm")
     from timm.layers.cbam import CbamModule
     from timm.layers.eca import EcaModule
     from timm.layers.global_context import GlobalContext
@@ -182,7 +181,8 @@ def _apply_quiet(model, rules):
 
 
 def test_eca_on_every_residual_join_of_resnet50d_is_ecaresnet50d():
-    timm = pytest.importorskip("timm")
+    import timm
+
     base, theirs = timm.create_model("resnet50d").eval(), timm.create_model("ecaresnet50d").eval()
     mine = _apply_quiet(base, {"defaults": {"module": "eca", "init": "paper"}, "rules": [{"select": {"kind": "residual"}}]})
     assert _numel(mine) == _numel(theirs) == _numel(base) + 86  # k = 5, 5, 5, 7 over 3 + 4 + 6 + 3 blocks
@@ -196,7 +196,7 @@ def test_eca_on_every_residual_join_of_resnet50d_is_ecaresnet50d():
 def test_global_context_inside_the_bottleneck_is_gcresnet50t():
     """gcresnet50t puts timm's 'gca' block inside each bottleneck, after the 3x3 conv at the
     bottleneck width: ``variant: inner`` on the attention-free network is that network."""
-    timm = pytest.importorskip("timm")
+    import timm
     from timm.models.byobnet import ByobNet, model_cfgs
 
     plain = ByobNet(dataclasses.replace(model_cfgs["gcresnet50t"], attn_layer=None)).eval()

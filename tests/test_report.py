@@ -93,13 +93,6 @@ def test_cli_report_json_and_compare(capsys):
     assert [r["sites"] for r in rows] == ["8", "4"]
 
 
-def test_cli_plot(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "se.png"
-    assert main(["report", "resnet18", "--plot", str(png), "--input-size", "64"]) == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_cli_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["report", "resnet18", "--plot", str(tmp_path / "x.png"), "--input-size", "64"]) == 2

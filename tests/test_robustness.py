@@ -287,37 +287,6 @@ def test_block_shared_by_two_parents_gets_se_everywhere_it_is_used():
     assert patched[1].block.se.fc2.weight.grad.abs().sum() > 0
 
 
-class CachingBlock(nn.Module):
-    """Caches a tensor in eval mode, as timm's attention_bias_cache does."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-        self.scale = nn.Parameter(torch.ones(c, 1, 1))
-        self.cache = {}
-
-    def forward(self, x):
-        if not self.training:
-            if "s" not in self.cache:
-                self.cache["s"] = self.scale * 2
-            s = self.cache["s"]
-        else:
-            s = self.scale * 2
-        return x + F.relu(self.conv(x)) * s
-
-
-def test_shape_runs_leave_no_state_behind():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), CachingBlock(8)).eval()
-    assert len(se_surgery.find_sites(model, 16)) == 1  # tracing and fake runs fill the cache...
-    patched = se_surgery.apply(model, input_size=16)
-    se_surgery.report(model, input_size=16)
-    assert model[1].cache == {} and patched[1].cache == {}  # ...and are undone
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        assert torch.equal(patched(x), model(x))
-
-
 # --------------------------------------------------------------------------- 3. attention already there
 
 
@@ -399,7 +368,8 @@ def test_has_attention_torchvision(name, expected):
     ("resnet18", False),
 ])
 def test_has_attention_timm(name, expected):
-    timm = pytest.importorskip("timm")
+    import timm
+
     flags = [a for _, a in _attention(timm.create_model(name))]
     assert len(flags) == 8 and set(flags) == {expected}
 
@@ -458,6 +428,8 @@ def _out(model, x):
 @pytest.mark.parametrize("preset", ["all_stages", "se_pre", "se_post", "se_identity"])
 def test_other_sizes_and_batch_one(resnet18, preset):
     patched = se_surgery.apply(resnet18, preset, input_size=64).eval()
+    variant = {"all_stages": "standard", "se_pre": "pre", "se_post": "post", "se_identity": "identity"}[preset]
+    assert {m.se_options.variant for _, m in se_modules(patched)} == {variant}
     for shape in [(1, 3, 64, 64), (1, 3, 97, 131), (3, 3, 32, 48), (2, 3, 224, 224)]:
         x = torch.randn(shape)
         assert torch.equal(_out(patched, x), _out(resnet18, x)), shape
@@ -476,7 +448,8 @@ def test_train_mode_forward_backward_other_size(resnet18):
 
 
 def test_default_input_size_from_timm_cfg_runs_at_other_sizes():
-    timm = pytest.importorskip("timm")
+    import timm
+
     torch.manual_seed(0)
     base = timm.create_model("resnet10t").eval()
     patched = se_surgery.apply(base)  # discovery at the pretrained_cfg size (3, 176, 176)

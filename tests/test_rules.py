@@ -1,5 +1,6 @@
-"""Rules: loading, validation messages, matching and precedence, presets."""
+"""Rules: loading, matching and precedence, presets (validation messages: test_bad_input.py)."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ import pytest
 import torchvision
 
 import se_surgery
-from se_surgery import RuleError, Site, load_rules, preset_names
+from se_surgery import Site, load_rules, preset_names
 from se_surgery.plan import match
 
 PRESETS = ["all_stages", "late_stages", "no_last_stage", "se_pre", "se_post", "se_identity", "inception",
@@ -81,52 +82,6 @@ def _write(tmp_path, text, name="rules.yaml"):
     return p
 
 
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        ("rules:\n  - select: {kind: residual}\n    ratioo: 8\n",
-         r"rules.yaml:3: rule 0, key 'ratioo': unknown rule key 'ratioo' \(did you mean 'ratio'\?\); allowed: select, skip, variant, ratio"),
-        ("rules:\n  - select: {stages: 1}\n",
-         r"rules.yaml:2: rule 0, key 'stages': unknown select key 'stages' \(did you mean 'stage'\?\); allowed: kind, stage, block, name"),
-        ("rules:\n  - select: {}\n    ratio: 0\n", r"rules.yaml:3: rule 0, key 'ratio': ratio must be a number from 0.125 to 4096, got 0"),
-        ("rules:\n  - select: {}\n    ratio: -2\n", r"ratio must be a number from 0.125 to 4096, got -2"),
-        ("rules:\n  - select: {}\n    ratio: sixteen\n", r"ratio must be a number from 0.125 to 4096, got 'sixteen'"),
-        ("rules:\n  - select: {}\n    variant: middle\n",
-         r"rules.yaml:3: rule 0, key 'variant': variant must be one of standard, pre, post, identity, inner, fusion, got 'middle'"),
-        ("rules:\n  - select: {kind: residul}\n", r"kind must be one of residual, branch_sum, concat, block, got 'residul'"),
-        ("rules:\n  - select: {stage: 0}\n", r"stage must be a non-zero integer or a list of them"),
-        ("rules:\n  - select: {stage: '2'}\n", r"stage must be a non-zero integer"),
-        ("rules:\n  - select: {}\n    divisor: 2.5\n", r"divisor must be an integer from 1 to 512, got 2.5"),
-        ("rules:\n  - select: {}\n    bias: 'yes'\n", r"bias must be true or false, got 'yes'"),
-        ("rules:\n  - select: {}\n    skip: true\n    ratio: 4\n", r"a rule with skip: true takes no SE options"),
-        ("defaults:\n  gate: relu\nrules:\n  - select: {}\n",
-         r"rules.yaml:2: key 'defaults.gate': gate must be one of sigmoid, hard_sigmoid, got 'relu'"),
-        ("rule:\n  - select: {}\n", r"unknown top-level key 'rule' \(did you mean 'rules'\?\); allowed: defaults, rules"),
-        ("defaults: {ratio: 8}\n", r"missing key 'rules'"),
-        ("rules: []\n", r"rules is an empty list"),
-        ("", r"rules.yaml: the rules are empty"),
-        ("- select: {}\n", r"expected a mapping with keys defaults, rules, got list"),
-        ("rules:\n  - select: {kind: residual\n", r"rules.yaml:3: invalid YAML"),
-        ("rules: !!python/object:os.system {}\n", r"rules.yaml:1: invalid YAML: could not determine a constructor"),
-        ("rules:\n  - select: {min_channels: 64, max_channels: 32}\n", r"min_channels 64 > max_channels 32"),
-    ],
-)
-def test_rule_errors_name_file_line_rule_and_key(tmp_path, text, message):
-    path = _write(tmp_path, text)
-    with pytest.raises(RuleError, match=message) as info:
-        load_rules(path)
-    assert str(path) in str(info.value)
-    assert isinstance(info.value, ValueError)
-
-
-def test_missing_file_and_wrong_source_type():
-    with pytest.raises(se_surgery.MissingFileError, match=r"rules file 'nope.yaml' not found, and it is not a "
-                                                          r"preset name; presets: all_stages, efficientnet, inception"):
-        load_rules("nope.yaml")
-    with pytest.raises(RuleError, match="rules must be a path, a preset name"):
-        load_rules(42)
-
-
 def test_rule_objects_and_dicts_are_equivalent(tmp_path):
     from se_surgery import Rule, Selector
 
@@ -137,29 +92,12 @@ def test_rule_objects_and_dicts_are_equivalent(tmp_path):
     assert obj.defaults == dct.defaults == path.defaults
 
 
-def test_plan_errors_for_the_model(tmp_path):
-    model = torchvision.models.resnet18()
-    path = _write(tmp_path, "rules:\n  - select: {kind: residual}\n  - select: {stage: 9}\n")
-    with pytest.raises(se_surgery.PlanError, match=r"rules.yaml:3: rule 1, key 'stage': ResNet has no stage 9; "
-                                                    r"it has 4 stage\(s\): 1..4 or -4..-1"):
-        se_surgery.plan(model, path)
-    with pytest.raises(se_surgery.PlanError, match=r"rule 0, key 'block': no stage of ResNet it selects has a "
-                                                    r"block 3; the longest has 2"):
-        se_surgery.plan(model, {"rules": [{"select": {"block": 3}}]})
-    inception = torchvision.models.googlenet(weights=None, init_weights=False)
-    with pytest.raises(se_surgery.PlanError, match=r"variant 'pre' is not allowed at concat site\(s\) inception3a, "
-                                                    r"inception3b.*add kind: residual"):
-        se_surgery.plan(inception, {"rules": [{"select": {}, "variant": "pre"}]})
-
-
-def test_rule_that_selects_nothing_warns_or_fails_when_strict():
+def test_rule_that_selects_nothing_warns():  # with strict=True it is an error: test_bad_input.py
     model = torchvision.models.resnet18()
     rules = {"rules": [{"select": {"kind": "residual"}}, {"select": {"name": "layer9.*"}}]}
     with pytest.warns(se_surgery.SESurgeryWarning, match=r"rule 1 selects no site of ResNet \(8 sites"):
         p = se_surgery.plan(model, rules)
     assert len(p.selected) == 8
-    with pytest.raises(se_surgery.PlanError, match="rule 1 selects no site of ResNet"):
-        se_surgery.plan(model, rules, strict=True)
 
 
 def test_plan_reports_the_deciding_rule():
@@ -183,7 +121,8 @@ def test_presets_load_and_say_what_they_are(name):
 
 
 def test_timm_compatible_matches_timm_seresnet50_parameter_count():
-    timm = pytest.importorskip("timm")
+    import timm
+
     base = torchvision.models.resnet50()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -195,7 +134,10 @@ def test_timm_compatible_matches_timm_seresnet50_parameter_count():
 
 def test_presets_load_from_an_installed_wheel(tmp_path):
     """The presets ship inside the wheel, so they load without this checkout."""
-    repo = Path(__file__).resolve().parent.parent
+    # pip builds in the source tree (build/, *.egg-info): build from a copy, not the checkout.
+    repo = tmp_path / "src"
+    shutil.copytree(Path(__file__).resolve().parent.parent, repo, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", "build", "dist", "*.egg-info", ".*cache", ".hypothesis", "tests", "benchmarks"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(wheels), str(repo)], check=True, capture_output=True)

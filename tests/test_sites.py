@@ -182,18 +182,6 @@ def test_every_spelling_of_a_residual_join():
     assert torch.equal(out(x), model(x))
 
 
-def test_find_sites_leaves_model_untouched():
-    model = _build("resnet18").train()
-    model.layer2.eval()  # a mixed set of training flags must come back as it was
-    flags = {n: m.training for n, m in model.named_modules()}
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    se_surgery.find_sites(model)
-    assert {n: m.training for n, m in model.named_modules()} == flags
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert type(model) is tv.ResNet
-    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
-
-
 def test_site_records_are_frozen_and_roundtrip():
     site = se_surgery.find_sites(_build("resnet18"))[0]
     with pytest.raises(AttributeError):
@@ -202,7 +190,8 @@ def test_site_records_are_frozen_and_roundtrip():
 
 
 def test_input_size_from_timm_config():
-    timm = pytest.importorskip("timm")
+    import timm
+
     model = timm.create_model("resnet18", pretrained=False)
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 160, 160))
     assert se_surgery.find_sites(model)[0].spatial == (40, 40)

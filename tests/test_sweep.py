@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -57,16 +56,14 @@ def lines(path: Path) -> list[dict]:
 def full(tmp_path_factory):
     """The whole sweep: 2 rule sets x 2 variants x 2 seeds, plus a baseline per seed."""
     out = tmp_path_factory.mktemp("sweep") / "results.jsonl"
-    start = time.perf_counter()
     rc, stdout, _ = run_cli(sweep_args(out, "--seeds", "2", "--plot", str(out.with_suffix(".png"))))
     assert rc == 0
-    return out, stdout, time.perf_counter() - start
+    return out, stdout
 
 
+# No wall-clock bound here: on a shared machine it fails by load, not by code (speed: benchmarks/).
 def test_sweep_writes_one_line_per_trial(full):
-    out, _, seconds = full
-    print(f"10 trials in {seconds:.1f} s")
-    assert seconds < 60
+    out, _ = full
     recs = lines(out)
     assert len(recs) == 2 + 2 * 2 * 2
     assert all(FIELDS <= set(r) for r in recs)
@@ -91,7 +88,7 @@ def test_sweep_writes_one_line_per_trial(full):
 
 
 def test_sweep_prints_a_markdown_table_and_plots(full):
-    out, stdout, _ = full
+    out, stdout = full
     table = stdout[stdout.index("| rules |"):].splitlines()
     assert table[0].startswith("| rules | variant | ratio | module | seeds | accuracy % | gain (points) |")
     assert table[2].startswith("| baseline (no SE) |  |  |  | 2 | ")
@@ -101,7 +98,7 @@ def test_sweep_prints_a_markdown_table_and_plots(full):
 
 
 def test_rerun_skips_finished_trials(full):
-    out, _, _ = full
+    out, _ = full
     before = out.read_text()
     rc, stdout, _ = run_cli(sweep_args(out, "--seeds", "2"))
     assert rc == 0
@@ -126,7 +123,7 @@ def test_resumed_sweep_with_nothing_left_builds_no_model_and_loads_no_data(full,
 
 
 def test_shards_cover_the_sweep_exactly_once(full, tmp_path):
-    out, _, _ = full
+    out, _ = full
     keys = {r["key"] for r in lines(out) if not r["baseline"]}
     shards = []
     for i in (0, 1):
@@ -214,7 +211,7 @@ def test_rules_file_is_recorded_as_given(tmp_path):
 
 
 def test_a_line_cut_by_an_interruption_runs_that_trial_again(full, tmp_path):
-    out, _, _ = full
+    out, _ = full
     cut = tmp_path / "cut.jsonl"
     text = out.read_text()
     cut.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])  # the last record half written
