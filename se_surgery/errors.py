@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from types import FrameType
 
 
 class SESurgeryError(Exception):
@@ -70,7 +71,8 @@ def warn(message: str, category: type[Warning] = SESurgeryWarning) -> None:
     one place per user call, so ``plan``, ``report`` and ``apply`` of one model on one
     line say a thing once under the default filter.
     """
-    level, frame = 2, sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
