@@ -924,7 +924,7 @@ def main(argv=None) -> int:
 
     Example:
         >>> main(["check", "late_stages"])
-        preset late_stages: valid, 1 rule(s); defaults: variant=standard, ratio=16, divisor=1, min_hidden=1, init=identity, squeeze=avg, gate=sigmoid, bias=True
+        preset late_stages: valid, 1 rule(s); defaults: variant=standard, ratio=16, divisor=1, min_hidden=1, init=identity, squeeze=avg, gate=sigmoid, bias=True, act=relu, ratio_of=site, round_limit=0.0
         0
     """  # noqa: E501 - doctest output must match verbatim
     try:

@@ -169,7 +169,12 @@ OPTION_KEYS = _FIELDS  # keys a defaults block or a rule may always write
 
 @dataclass(frozen=True)
 class Selector:
-    """Which sites a rule selects; every given key must hold (``None`` = any)."""
+    """Which sites a rule selects; every given key must hold (``None`` = any).
+
+    A selector that names no ``kind`` selects joins (residual, branch_sum, concat) only:
+    ``block`` sites are no joins and take only ``variant: inner``, so a rule reaches them
+    by saying ``kind: block`` (as the ``efficientnet`` and ``mobilenetv3`` presets do).
+    """
 
     kind: str | None = None
     stage: tuple[int, ...] | None = None  # 1-based; negative counts from the last stage
@@ -188,7 +193,7 @@ class Selector:
 
     def matches(self, site, n_stages: int, stage_sizes: dict[int, int]) -> bool:
         """Whether ``site`` satisfies every key of this selector (a pure function)."""
-        if self.kind is not None and site.kind != self.kind:
+        if site.kind != self.kind and (self.kind is not None or site.kind == "block"):
             return False
         if self.stage is not None and site.stage not in {s if s > 0 else n_stages + 1 + s for s in self.stage}:
             return False

@@ -276,7 +276,9 @@ def _forked(view: GraphView, n: fx.Node, fork: fx.Node, operands: list) -> tuple
         # DPN's dual path: the branch is added to a channel slice of the block input (or
         # of its projection), x[:, :c] + f(x).
         return _residual_facts(view, n, fork, 0 if sliced[1] else 1), None
-    if all(proj) and fork in operands:
+    if all(proj) and fork in operands and not any(is_add(o) for o in operands if o is not fork):
+        # One linear path back onto its input (x + dwconv(x)); a sum of several linear
+        # branches and the input (x + a(x) + b(x)) stays a re-parameterisation sum.
         return None, "a linear layer added to its own input, no nonlinearity (a positional encoding, x + dwconv(x))"
     if all(proj) or all(nonlin):
         return _facts(view, n, "branch_sum", None, None), None  # parallel branches, none a skip of the other

@@ -215,8 +215,8 @@ def test_site_kinds_are_told_apart():
 
 
 @pytest.mark.parametrize("name, residual, other", [
-    ("repvgg_a0", 0, 39),  # re-parameterisation sums of linear branches
-    ("mobileone_s0", 0, 78),
+    ("repvgg_a0", 0, 22),  # re-parameterisation sums of linear branches: one per block (stem + 2, 4, 14, 1)
+    ("mobileone_s0", 0, 43),  # one sum per MobileOneBlock: the stem and a depthwise + pointwise pair per block
     ("res2net50_26w_4s", 16, 16),  # the split-sums are no sites; the split concats are
     ("hrnet_w18_small", 23, 12),  # multi-resolution fusion and the head's merges are branch sums
     ("convnextv2_atto", 12, 0),  # GRN's "+ x" is inside a normalisation layer

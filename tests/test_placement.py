@@ -87,7 +87,7 @@ def test_mobilenetv3_large_inner_se_is_timms():
     assert len(owners) == 8
     rules = yaml.safe_load((PRESETS / "mobilenetv3.yaml").read_text())
     rules["defaults"]["init"] = "paper"  # timm's plain hard-sigmoid gate, to load its weights
-    rules["rules"] = [{"select": {"name": owners}}]
+    rules["rules"] = [{"select": {"kind": kind, "name": owners}} for kind in ("residual", "block")]
     patched = se_surgery.apply(base, rules)
     assert _params(patched) == _params(ref)
     # 72 expanded channels / 4 = 18 -> 24: timm's round_channels (divisor 8, round limit 0.9)

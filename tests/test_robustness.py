@@ -384,9 +384,9 @@ def mnv3():
 def test_select_has_attention_filters(mnv3, flag):
     sites = se_surgery.find_sites(mnv3, 64)
     with _quiet():
-        # inner: the one variant residual and block sites both take
-        p = se_surgery.plan(mnv3, {"rules": [{"select": {"has_attention": flag}, "variant": "inner"}]}, input_size=64)
-    assert [e.site.name for e in p.selected] == [s.name for s in sites if s.has_attention == flag]
+        p = se_surgery.plan(mnv3, {"rules": [{"select": {"has_attention": flag}}]}, input_size=64)
+    # a selector without a kind selects joins: the block sites need kind: block
+    assert [e.site.name for e in p.selected] == [s.name for s in sites if s.has_attention == flag and s.kind != "block"]
     assert 0 < len(p.selected) < len(sites)
 
 
@@ -429,7 +429,7 @@ def _out(model, x):
 def test_other_sizes_and_batch_one(resnet18, preset):
     patched = se_surgery.apply(resnet18, preset, input_size=64).eval()
     variant = {"all_stages": "standard", "se_pre": "pre", "se_post": "post", "se_identity": "identity"}[preset]
-    assert {m.se_options.variant for _, m in se_modules(patched)} == {variant}
+    assert {r.options.variant for _, _, r in se_surgery.inserted_modules(patched)} == {variant}
     for shape in [(1, 3, 64, 64), (1, 3, 97, 131), (3, 3, 32, 48), (2, 3, 224, 224)]:
         x = torch.randn(shape)
         assert torch.equal(_out(patched, x), _out(resnet18, x)), shape

@@ -108,7 +108,7 @@ def test_rerun_skips_finished_trials(full):
 
 
 def test_resumed_sweep_with_nothing_left_builds_no_model_and_loads_no_data(full, monkeypatch):
-    out, first, _ = full
+    out, first = full
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished sweep must not build a model or load data")

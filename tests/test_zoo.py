@@ -92,7 +92,6 @@ NO_SITES = {
     "tv:alexnet": "plain conv stack, no joins",
     **{f"tv:{n}": "plain conv stack, no joins" for n in TORCHVISION if n.startswith("vgg")},
     **{f"tv:{n}": _TOKENS for n in TORCHVISION if n.startswith("vit_")},
-    "timm:lcnet_050": "PP-LCNet has no skip connections",
     **{f"timm:{n}": _TOKENS for n in ["pvt_v2_b0", "levit_128s", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
                                       "mixer_s32_224", "resmlp_12_224", "crossvit_tiny_240", "xcit_nano_12_p16_224",
                                       "pit_ti_224", "cait_xxs24_224", "hiera_tiny_224"]},
@@ -174,8 +173,10 @@ def check(key: str) -> Row:
         row.rules, rules = "all_stages", "all_stages"
     elif any(s.kind == "concat" and not s.has_attention for s in d.sites):
         row.rules, rules = "inception", "inception"
+    elif any(s.kind == "block" and not s.has_attention for s in d.sites):
+        row.rules, rules = "mobilenetv3", "mobilenetv3"
     else:  # every site already has a channel gate: the presets add nothing, so force it
-        row.rules, rules = "every site", {"rules": [{"select": {}}]}
+        row.rules, rules = "every site", {"rules": [{"select": {}}, {"select": {"kind": "block"}, "variant": "inner"}]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         patched = se_surgery.apply(model, rules, input_size=size)
