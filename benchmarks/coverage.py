@@ -28,7 +28,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from se_surgery.sites import discover  # noqa: E402 - the checkout's, not an installed copy
+from se_surgery._sites import discover  # noqa: E402 - the checkout's, not an installed copy
 
 KINDS = ("residual", "concat", "branch_sum", "block")
 

@@ -234,7 +234,7 @@ def run_probe(spec: dict) -> dict:
     if spec["what"] == "surgery":
         src, name, rules, size = spec["src"], spec["name"], spec["rules"], spec["size"]
         model = build(src, name)
-        size = se_surgery.sites.resolve_input_size(model, size)
+        size = se_surgery._sites.resolve_input_size(model, size)
         op = spec["op"]
         # Warm up on a tiny model first, so that one-off imports and lazy initialisation
         # are not counted as the call's memory.
@@ -293,7 +293,7 @@ def bench_surgery(args) -> str:
     rows, mem_rows = [], []
     for label, src, name, rules, size in models:
         model = build(src, name)
-        size = se_surgery.sites.resolve_input_size(model, size)
+        size = se_surgery._sites.resolve_input_size(model, size)
         fns = {  # defaults bind this round's model: the loop deletes it before the next
             "find_sites": lambda m=model, s=size: se_surgery.find_sites(m, input_size=s),
             "plan": lambda m=model, s=size, r=rules: se_surgery.plan(m, r, input_size=s),

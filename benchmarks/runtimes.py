@@ -6,7 +6,7 @@
 
 Prints a markdown table: per runtime and batch, the median over interleaved rounds of the
 paired ratio (candidate / base in the same round) with its quartiles, and the base's median
-time. The SE gates are moved off the identity (se_surgery.bench.move_gates_off_identity);
+time. The SE gates are moved off the identity (se_surgery.studies.bench.move_gates_off_identity);
 timm's seresnet50 is built with pretrained=False. One thread (torch, ONNX Runtime, OpenVINO).
 """
 
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 import se_surgery  # noqa: E402
-from se_surgery.bench import CLOCKS, _interleaved, _quartiles, _runner, check_runtimes  # noqa: E402
+from se_surgery.studies.bench import CLOCKS, _interleaved, _quartiles, _runner, check_runtimes  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")
     base = torchvision.models.resnet50().eval()
-    ours = se_surgery.bench.move_gates_off_identity(se_surgery.apply(base, "all_stages")).eval()
+    ours = se_surgery.studies.bench.move_gates_off_identity(se_surgery.apply(base, "all_stages")).eval()
     theirs = timm.create_model("seresnet50", pretrained=False).eval()
     print(f"torch {torch.__version__}, 1 thread, 224 px, {args.rounds} interleaved rounds, clock {args.clock}")
     print("| runtime | batch | se-surgery / base | IQR | timm seresnet50 / base | IQR | base ms |")

@@ -25,7 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import build_candidate, interleave, paired_ratio  # noqa: E402
 
-from se_surgery.se import SqueezeExcite  # noqa: E402
+from se_surgery._se import SqueezeExcite  # noqa: E402
 
 _orig_pool = SqueezeExcite._pool
 _orig_forward = SqueezeExcite.forward

@@ -38,7 +38,7 @@ Several processes (DistributedDataParallel; gloo on CPU, nccl on GPU): prefix wi
 
 After each epoch the script prints the test accuracy and, with SE, how far SE has moved
 from identity: the largest ``|fc2 weight|`` and the mean ``|gate - 1|`` on 64 test
-images (both 0 at insertion). The training machinery lives in ``se_surgery.train``,
+images (both 0 at insertion). The training machinery lives in ``se_surgery.studies.train``,
 shared with ``se-surgery sweep``, which compares placements (docs/sweep.md).
 """
 
@@ -50,8 +50,8 @@ from pathlib import Path
 import torch
 
 import se_surgery
-from se_surgery.cli import build_for_training
-from se_surgery.train import Dist, deterministic, evaluate, load_base_weights, load_data, se_drift, train
+from se_surgery.hub import build_for_training, load_weights
+from se_surgery.studies.train import Dist, deterministic, evaluate, load_data, se_drift, train
 
 
 def fail(msg: str):
@@ -147,7 +147,7 @@ def _run(args, d: Dist) -> dict:
     data = load_data(args.data, args.image_size, seed=args.seed, workers=args.workers, augment=args.augment)
     model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
     if args.weights:
-        load_base_weights(model, args.weights, log=d.log)
+        load_weights(model, args.weights, fresh_head=True, log=d.log)
     model.to(d.device)
     kw = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "max_steps": args.max_steps,
           "workers": data.workers}

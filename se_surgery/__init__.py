@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -33,17 +31,17 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .checkpoint import load_se, save_se
-    from .finetune import mark_only_se_trainable, param_groups, se_parameters, strip
-    from .insert import apply
+    from ._checkpoint import load_se, save_se
+    from ._insert import apply
+    from ._plan import Plan, PlannedSite, analyze, plan
+    from ._record import Inserted, inserted_modules, is_patched
+    from ._report import Report, report
+    from ._rules import Rule, Rules, Selector, SEOptions, load_rules, preset_names
+    from ._se import SqueezeExcite
+    from ._sites import Analysis, Site, find_sites
+    from ._trace import TracerOptions
+    from ._trainable import mark_only_se_trainable, param_groups, se_parameters, strip
     from .modules import register_module
-    from .plan import Plan, PlannedSite, analyze, plan
-    from .record import Inserted, inserted_modules, is_patched
-    from .report import Report, report
-    from .rules import Rule, Rules, Selector, SEOptions, load_rules, preset_names
-    from .se import SqueezeExcite
-    from .sites import Analysis, Site, find_sites
-    from .trace import TracerOptions
 
 __version__ = "0.1.0"
 __all__ = [
@@ -56,23 +54,24 @@ __all__ = [
     "ModelTypeError", "CheckpointError", "MissingFileError", "ModuleError", "SESurgeryWarning", "__version__",
 ]
 
-# public name -> the module that defines it (imported, with torch, when the name is first used)
+# public name -> the private module that defines it (imported, with torch, on first use)
 _LAZY = {
-    **dict.fromkeys(("load_se", "save_se"), ".checkpoint"),
-    **dict.fromkeys(("mark_only_se_trainable", "param_groups", "se_parameters", "strip"), ".finetune"),
-    "apply": ".insert", "register_module": ".modules",
-    **dict.fromkeys(("Plan", "PlannedSite", "analyze", "plan"), ".plan"),
-    **dict.fromkeys(("Inserted", "inserted_modules", "is_patched"), ".record"),
-    **dict.fromkeys(("Report", "report"), ".report"),
-    **dict.fromkeys(("Rule", "Rules", "Selector", "SEOptions", "load_rules", "preset_names"), ".rules"),
-    "SqueezeExcite": ".se", **dict.fromkeys(("Analysis", "Site", "find_sites"), ".sites"), "TracerOptions": ".trace",
+    **dict.fromkeys(("load_se", "save_se"), "._checkpoint"),
+    **dict.fromkeys(("mark_only_se_trainable", "param_groups", "se_parameters", "strip"), "._trainable"),
+    "apply": "._insert", "register_module": ".modules",
+    **dict.fromkeys(("Plan", "PlannedSite", "analyze", "plan"), "._plan"),
+    **dict.fromkeys(("Inserted", "inserted_modules", "is_patched"), "._record"),
+    **dict.fromkeys(("Report", "report"), "._report"),
+    **dict.fromkeys(("Rule", "Rules", "Selector", "SEOptions", "load_rules", "preset_names"), "._rules"),
+    "SqueezeExcite": "._se", **dict.fromkeys(("Analysis", "Site", "find_sites"), "._sites"),
+    "TracerOptions": "._trace",
 }
 
 
 def __getattr__(name: str) -> Any:
     where = _LAZY.get(name)
     if where is None:
-        # A submodule (se_surgery.sweep, se_surgery.ops, ...), as when the package imported them all.
+        # A public submodule (se_surgery.studies, se_surgery.hub, se_surgery.ops, ...).
         if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
             return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module 'se_surgery' has no attribute {name!r}")
@@ -83,15 +82,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    # Importing the submodule ``se_surgery.plan`` (or ``.report``) makes Python set the
-    # package's attribute of that name to the module; the public name is the function.
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == "." + name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

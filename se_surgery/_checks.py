@@ -1,4 +1,4 @@
-"""The one check every public entry point makes on the model it is given."""
+"""The checks the public entry points make on what they are given: the model, and option choices."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from .errors import ModelTypeError
 
-__all__ = ["check_model"]
+__all__ = ["CHANNEL_DIMS", "check_choices", "check_model"]
 
 
 def _sharded(model: nn.Module) -> str | None:
@@ -48,3 +48,23 @@ def check_model(model, *, sharded_ok: bool = False, what: str = "a torch.nn.Modu
         raise ModelTypeError(f"{type(model).__name__} is sharded with {kind}; se-surgery works on the whole, "
                              "unsharded model: call se_surgery (apply, load_se, strip ...) before sharding it")
     return model
+
+
+# Layouts a channel-attention module accepts: NCHW, or channels-last (N, H, W, C).
+CHANNEL_DIMS = (1, -1)
+
+
+def check_choices(**values: tuple) -> None:
+    """Raise ``ValueError`` for the first ``name=(value, allowed)`` whose value is not allowed.
+
+    The rules validate options before any module is built; this guards direct use.
+
+    Example:
+        >>> check_choices(gate=("relu", ("sigmoid", "hard_sigmoid")))
+        Traceback (most recent call last):
+        ...
+        ValueError: gate must be one of ('sigmoid', 'hard_sigmoid'), got 'relu'
+    """
+    for name, (value, allowed) in values.items():
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -1,6 +1,6 @@
 """Command line: ``se-surgery sites|plan|report|check|presets|bench|sweep``.
 
-Only this module looks models up by name. Every expected failure (bad model name,
+Models come by name from :mod:`se_surgery.hub`. Every expected failure (bad model name,
 missing or unreadable file, invalid rules, an output that cannot be written) prints one
 line to stderr and exits with code 2; Ctrl-C exits with 130 and one line; a closed pipe
 (``| head``) ends quietly with 141, as ``cat`` does.
@@ -9,139 +9,27 @@ line to stderr and exits with code 2; Ctrl-C exits with 130 and one line; a clos
 from __future__ import annotations
 
 import argparse
-import difflib
 import errno
 import json
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .errors import CheckpointError, MissingFileError, SESurgeryError, UnknownModelError
+from .errors import SESurgeryError
+from .hub import _short, build_for_training, build_model, load_weights
 
 if TYPE_CHECKING:  # torch is imported when a command runs, under main's Ctrl-C handler
     from torch import nn
 
-__all__ = ["build_model", "load_weights", "main", "parser"]
+__all__ = ["main", "parser"]
 
 # Exit codes: what shells and CI scripts test.
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
 # Bounds of the numeric options, so that a typo fails in one line instead of asking
 # torch for a 10^10-pixel tensor or a classifier of a billion rows.
 MAX_SIDE, MAX_CHANNELS, MAX_CLASSES = 8192, 1024, 100_000
-
-
-def _tv_names() -> list[str]:
-    import torchvision
-
-    return list(torchvision.models.list_models(module=torchvision.models))
-
-
-def _timm_names() -> list[str]:
-    try:
-        import timm
-    except ImportError:
-        return []
-    return list(timm.list_models())
-
-
-def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
-    """Build a model by name without weights: ``resnet50``, ``tv:resnet50``, ``timm:convnext_tiny``.
-
-    A bare name tries torchvision first, then timm. ``num_classes`` sizes the classifier
-    (default: the library's, 1000 for ImageNet models), so that a fine-tuned
-    checkpoint's head fits.
-
-    Example:
-        >>> type(build_model("tv:resnet18")).__name__
-        'ResNet'
-        >>> build_model("resnet18", num_classes=10).fc.out_features
-        10
-    """
-    extra: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
-    source, _, name = spec.partition(":") if ":" in spec else ("", "", spec)
-    if source not in ("", "tv", "timm"):
-        raise UnknownModelError(f"unknown model source {source!r} in {spec!r}; use tv:NAME or timm:NAME")
-    if source in ("", "tv"):
-        import torchvision
-
-        if name in _tv_names():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # inception/googlenet init notices
-                return torchvision.models.get_model(name, weights=None, **extra)
-    if source in ("", "timm"):
-        try:
-            import timm
-        except ImportError:
-            timm = None  # type: ignore[assignment]
-        if timm is not None and name in timm.list_models():
-            return timm.create_model(name, pretrained=False, **extra)
-        if timm is None and source == "timm":
-            raise UnknownModelError("timm is not installed; pip install 'se-surgery[timm]'")
-    pool = (_tv_names() if source != "timm" else []) + (_timm_names() if source != "tv" else [])
-    close = difflib.get_close_matches(name, list(dict.fromkeys(pool)), n=5, cutoff=0.6)
-    where = {"tv": "torchvision", "timm": "timm", "": "torchvision or timm"}[source]
-    hint = f"; close matches: {', '.join(close)}" if close else ""
-    raise UnknownModelError(f"unknown model {name!r} in {where}{hint}")
-
-
-def load_weights(model: nn.Module, path: str, *, hint: str = "") -> None:
-    """Load a local checkpoint: safetensors, or a ``torch.load`` file with ``weights_only=True``.
-
-    Everything is checked before a tensor is copied; ``hint`` is appended to a shape
-    mismatch (the CLI names ``--num-classes`` there).
-
-    Example:
-        >>> import tempfile, torch, torchvision
-        >>> m = torchvision.models.resnet18()
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     torch.save(m.state_dict(), f"{d}/r18.pt")
-        ...     load_weights(torchvision.models.resnet18(), f"{d}/r18.pt")
-    """
-    import torch
-
-    p = Path(path)
-    try:
-        found, folder = p.is_file(), p.is_dir()
-    except OSError as e:  # a name longer than the file system allows
-        raise MissingFileError(f"weights file {_short(path)!r} cannot be read: {e.strerror or e}") from None
-    if folder:
-        raise MissingFileError(f"weights file {_short(path)!r} is a directory; give a .safetensors or torch.save file")
-    if not found:
-        raise MissingFileError(f"weights file {_short(path)!r} not found")
-    from .checkpoint import is_se_checkpoint, read_tensor_file
-
-    if is_se_checkpoint(p):
-        raise CheckpointError(f"{_short(path)} is an SE checkpoint (from se_surgery.save_se), not base weights: "
-                              "pass it as --se FILE (and the base weights, if any, as --weights)")
-    try:
-        state = read_tensor_file(p)
-    except Exception as e:  # noqa: BLE001 - any loader failure means the file is not a usable checkpoint
-        first = str(e).splitlines()[0] if str(e) else "empty or damaged file"
-        raise CheckpointError(f"cannot load weights from {path}: {type(e).__name__}: {first}") from None
-    # Check everything before copying: load_state_dict copies the tensors that fit before
-    # it raises for the ones that do not, which would leave the model half loaded.
-    if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise CheckpointError(f"cannot load weights from {path}: expected a state_dict (names to tensors), "
-                              f"got {type(state).__name__}")
-    own = model.state_dict()
-    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
-    if missing or unexpected:
-        parts = ([f"{len(missing)} missing key(s) {missing[:3]}"] if missing else []) + \
-                ([f"{len(unexpected)} unexpected key(s) {unexpected[:3]}"] if unexpected else [])
-        raise CheckpointError(f"cannot load weights from {path}: they do not fit {type(model).__name__}: "
-                              f"{', '.join(parts)}")
-    for k, v in own.items():
-        if state[k].shape != v.shape:
-            raise CheckpointError(f"cannot load weights from {path}: {k} has shape {tuple(state[k].shape)}, "
-                                  f"{type(model).__name__} needs {tuple(v.shape)}{hint}")
-    model.load_state_dict(state)
-
-
-def _short(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
 def _model(args) -> nn.Module:
@@ -154,7 +42,7 @@ def _model(args) -> nn.Module:
 
 def _saved(args):
     """``--se FILE``: the model with the SE the checkpoint records, and the input size it was planned at."""
-    from .checkpoint import load_se, saved_plan_inputs
+    from ._checkpoint import load_se, saved_plan_inputs
 
     size, _ = saved_plan_inputs(args.se)  # a bad file fails before the model is built
     model = load_se(_model(args), args.se, inplace=True)
@@ -164,7 +52,7 @@ def _saved(args):
 def _cmd_sites(args) -> int:
     from tabulate import tabulate
 
-    from .sites import discover
+    from ._sites import discover
 
     model = _model(args)
     d = discover(model, args.input_size)
@@ -210,14 +98,14 @@ def _plan_text(p) -> str:
 
 
 def _cmd_plan(args) -> int:
-    from .plan import plan
-    from .rules import load_rules
+    from ._plan import plan
+    from ._rules import load_rules
 
     if args.se and args.rules:
         raise SESurgeryError("--se and --rules: the checkpoint records its own rules; give one of them")
     size = args.input_size
     if args.se:  # the plan the checkpoint was made from, checked against the model it loads into
-        from .checkpoint import load_se, saved_plan_inputs
+        from ._checkpoint import load_se, saved_plan_inputs
 
         saved_size, rules = saved_plan_inputs(args.se)  # a bad file fails before the model is built
         model = _model(args)
@@ -235,9 +123,9 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .plan import analyze
-    from .report import report
-    from .rules import load_rules
+    from ._plan import analyze
+    from ._report import report
+    from ._rules import load_rules
 
     # Everything that can be checked without the model is checked first, so that a typo
     # fails at once rather than after the model is built and counted.
@@ -292,7 +180,7 @@ def _compare(reports, fmt: str) -> str:
         return buf.getvalue()
     from tabulate import tabulate
 
-    from .report import FOOTER
+    from ._report import FOOTER
 
     first = reports[0]
     head = f"{first.model} at {'x'.join(map(str, first.input_size))}: base {first.base_params:,} params, " \
@@ -372,7 +260,7 @@ def _plot(reports, path: str, title: str) -> None:
 
 
 def _cmd_check(args) -> int:
-    from .rules import load_rules
+    from ._rules import load_rules
 
     r = load_rules(args.rules)
     d = r.defaults.resolved()  # the options of the module the defaults insert, not every key they wrote
@@ -382,7 +270,7 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_presets(args) -> int:
-    from .shipped import preset_summaries
+    from ._shipped import preset_summaries
 
     summaries = preset_summaries()
     width = max(map(len, summaries))
@@ -392,7 +280,7 @@ def _cmd_presets(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import bench, check_runtimes, format_rows
+    from .studies.bench import bench, check_runtimes, format_rows
 
     runtimes = args.runtime or ["eager"]
     check_runtimes(runtimes)  # a missing runtime fails in one line before any model is built
@@ -462,88 +350,9 @@ def _examples(*lines: str) -> str:
 # One self-contained block: the model builder for training and the ``sweep`` command.
 
 
-def build_for_training(spec: str, num_classes: int, *, pretrained: bool = False) -> nn.Module:
-    """:func:`build_model` with a fresh ``num_classes`` head; ``pretrained=True`` downloads the default weights.
-
-    torchvision's ``weights="DEFAULT"``, timm's ``pretrained=True``; without a network
-    that fails with one line suggesting ``--weights FILE``.
-
-    Example:
-        >>> build_for_training("tv:resnet18", 10).fc.out_features
-        10
-    """
-    from .train import set_head
-
-    model = build_model(spec)  # resolves the name (and names close matches) once for both sources
-    if pretrained:
-        name = spec.partition(":")[2] if ":" in spec else spec
-        _check_download(model, name, spec)
-        try:
-            if type(model).__module__.startswith("timm."):
-                import timm
-
-                model = timm.create_model(name, pretrained=True)
-            else:
-                import torchvision
-
-                model = torchvision.models.get_model(name, weights="DEFAULT")
-        except (OSError, RuntimeError, ValueError) as e:  # no network, no cached file, no such weights
-            first = str(e).splitlines()[0] if str(e) else ""
-            raise CheckpointError(f"--pretrained: could not get the pretrained weights of {spec} "
-                                  f"({type(e).__name__}: {first}); without a network, pass --weights FILE") from None
-    set_head(model, num_classes)
-    return model
-
-
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _check_download(model: nn.Module, name: str, spec: str) -> None:
-    """Fail in seconds, not after a minute of retries, when pretrained weights are neither
-    cached nor reachable."""
-    import torch
-
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
-    if type(model).__module__.startswith("timm."):
-        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-        repo, url, host = cfg.get("hf_hub_id"), cfg.get("url"), "huggingface.co"
-        if repo:
-            from huggingface_hub import try_to_load_from_cache
-
-            files = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-            if any(isinstance(try_to_load_from_cache(repo, f), str) for f in files):
-                return
-        elif url:
-            if (hub / os.path.basename(url)).is_file():
-                return
-            host = url.split("/")[2]
-        else:
-            return  # timm says itself that it has no weights
-    else:
-        import torchvision
-
-        try:
-            url = torchvision.models.get_model_weights(name).DEFAULT.url
-        except (ValueError, AttributeError, KeyError):
-            return  # torchvision says itself that it has no weights
-        if (hub / os.path.basename(url)).is_file():
-            return
-        host = url.split("/")[2]
-    if not _reachable(host):
-        raise CheckpointError(f"--pretrained: the weights of {spec} are not cached and {host} cannot be reached "
-                              "(no network?); pass a local checkpoint as --weights FILE")
-
-
 def _cmd_sweep(args) -> int:
-    from . import sweep
-    from .train import load_base_weights, load_data, seed_everything
+    from .studies import sweep
+    from .studies.train import load_data, seed_everything
 
     # Everything that can be checked without data or a model is checked first, so that a
     # typo fails at once rather than after the first trial trained.
@@ -578,7 +387,7 @@ def _cmd_sweep(args) -> int:
     seed_everything(0)
     model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
     if args.weights:
-        load_base_weights(model, args.weights, log=lambda m: print(m, file=sys.stderr))
+        load_weights(model, args.weights, fresh_head=True, log=lambda m: print(m, file=sys.stderr))
     sweep.run(model, data, config, device=args.device, plot=args.plot, latency=args.latency, **grid)
     return 0
 
@@ -641,8 +450,8 @@ def _add_sweep_parser(sub) -> None:
 
 
 def _cmd_search(args) -> int:
-    from . import search, sweep
-    from .train import load_base_weights, load_data, seed_everything
+    from .studies import search, sweep
+    from .studies.train import load_data, seed_everything
 
     try:
         import optuna
@@ -666,7 +475,7 @@ def _cmd_search(args) -> int:
     seed_everything(0)  # the fresh head is the same in every worker and every rerun
     model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
     if args.weights:
-        load_base_weights(model, args.weights, log=lambda m: print(m, file=sys.stderr))
+        load_weights(model, args.weights, fresh_head=True, log=lambda m: print(m, file=sys.stderr))
     config = sweep.SweepConfig(
         model=args.model, weights=args.weights, pretrained=args.pretrained, data=args.data, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, se_lr=args.se_lr,
@@ -873,7 +682,7 @@ _FLAGS = {"shard": "--trial", "trial": "--trial", "size": "--input-size", "input
           "device": "--device", "plot": "--plot", "rules": "--rules", "seeds": "--seeds", "ratios": "--ratio",
           "lr": "--lr", "se_lr": "--se-lr", "momentum": "--momentum", "weight_decay": "--weight-decay",
           "epochs": "--epochs", "batch_size": "--batch-size", "max_steps": "--max-steps", "workers": "--workers",
-          "augment": "--augment"}
+          "augment": "--augment", "pretrained": "--pretrained"}
 
 
 def _as_flags(message: str) -> str:

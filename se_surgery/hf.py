@@ -22,9 +22,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import load_se, save_se
+from ._checkpoint import load_se, save_se
+from ._plan import is_patched
 from .errors import CheckpointError, MissingFileError, NotPatchedError, SESurgeryWarning
-from .plan import is_patched
 
 __all__ = ["SE_FILE", "from_pretrained", "save_pretrained"]
 

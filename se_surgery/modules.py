@@ -6,15 +6,15 @@ and the module's options as keywords. Built in:
 ======  =====================================================  ====================================
 name    module                                                 options (defaults)
 ======  =====================================================  ====================================
-se      :class:`~se_surgery.se.SqueezeExcite` (Hu et al.)      ratio 16, divisor 1, min_hidden 1,
+se      :class:`~se_surgery._se.SqueezeExcite` (Hu et al.)      ratio 16, divisor 1, min_hidden 1,
                                                                round_limit 0, squeeze avg, gate
                                                                sigmoid, act relu, ratio_of site,
                                                                init, bias
-ese     :class:`~se_surgery.attention.EffectiveSE`             add_maxpool false, gate hard_sigmoid
-eca     :class:`~se_surgery.attention.ECA`                     kernel_size (from C), gamma 2, beta 1
-gc      :class:`~se_surgery.attention.GlobalContext`           ratio 8, divisor, min_hidden, fuse add,
+ese     :class:`~se_surgery._attention.EffectiveSE`             add_maxpool false, gate hard_sigmoid
+eca     :class:`~se_surgery._attention.ECA`                     kernel_size (from C), gamma 2, beta 1
+gc      :class:`~se_surgery._attention.GlobalContext`           ratio 8, divisor, min_hidden, fuse add,
                                                                act relu, ratio_of site
-cbam    :class:`~se_surgery.attention.CBAM`                    ratio 16, spatial_kernel_size 7, bias,
+cbam    :class:`~se_surgery._attention.CBAM`                    ratio 16, spatial_kernel_size 7, bias,
                                                                act relu, ratio_of site
 ======  =====================================================  ====================================
 
@@ -29,9 +29,9 @@ context) and ``is_identity()`` (whether it computes exactly its input). The buil
 implement it. A registered module need not: :func:`excitation` and :func:`is_identity`
 then fall back to measuring it (``module.forward(x) / x``, 1 where ``x`` is 0; and an
 exact comparison of ``forward`` on a fixed random map with the map itself), and its
-``channels`` are the site's. Drift (:func:`se_surgery.train.se_drift`), reports and
+``channels`` are the site's. Drift (:func:`se_surgery.studies.train.se_drift`), reports and
 checkpoints read every inserted module through this protocol and
-:mod:`se_surgery.record`, the same for every module.
+:mod:`se_surgery._record`, the same for every module.
 
 Users add their own with :func:`register_module`, or from an installed package through
 the entry-point group ``se_surgery.modules`` (the entry point's name is the module name,
@@ -43,7 +43,7 @@ them). A module whose ``forward`` has no ``skip`` parameter is closed into a res
 join as ``skip + module(x)``.
 
 MACs (multiply-accumulates for one image at C x H x W, E = C*H*W elements, P = H*W, the
-convention of :mod:`se_surgery.report`): the FC/conv/matmul MACs plus one op per element
+convention of :mod:`se_surgery._report`): the FC/conv/matmul MACs plus one op per element
 for each global pool and one for each scale or add:
 
 - ``se``: ``2*C*hidden + E`` (``2E`` for ``avgmax``) ``+ E``
@@ -71,8 +71,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ._se import ACTS, GATES, INITS, RATIO_OF, SQUEEZES, SqueezeExcite, hidden_channels, reduced_channels
 from .errors import ModuleError, SESurgeryWarning
-from .se import ACTS, GATES, INITS, RATIO_OF, SQUEEZES, SqueezeExcite, hidden_channels, reduced_channels
 
 __all__ = ["ENTRY_POINT_GROUP", "ChannelAttention", "check_module", "count_macs", "count_params", "create",
            "excitation", "is_identity", "module_names", "option_defaults", "option_names", "register_module",
@@ -222,7 +222,7 @@ def _hidden(c, o):
 
 
 def _eca_k(c, o):
-    from .attention import eca_kernel_size
+    from ._attention import eca_kernel_size
 
     return o["kernel_size"] if o["kernel_size"] is not None else eca_kernel_size(c, o["gamma"], o["beta"])
 
@@ -238,7 +238,7 @@ def _cbam_macs(c, sp, o):
 
 
 def _builtins() -> dict[str, _Spec]:
-    from .attention import CBAM, ECA, EffectiveSE, GlobalContext
+    from ._attention import CBAM, ECA, EffectiveSE, GlobalContext
 
     return {
         "se": _spec("se", SqueezeExcite, True, params=_se_params, macs=_se_macs, hidden=_hidden),
@@ -487,7 +487,7 @@ def check_module(module_name: str, channels: int, spatial: tuple[int, int], opti
     shape; raise :class:`ModuleError` naming the module, the site and what is wrong.
 
     Plan time calls this for every registered (non built-in) module it would insert, so
-    that :func:`se_surgery.report` and :func:`se_surgery.apply` accept and refuse the same
+    that :func:`se_surgery._report` and :func:`se_surgery.apply` accept and refuse the same
     factories, and a factory's bug never surfaces as a raw torch error mid-surgery.
     Built-ins are exact by construction and not run.
 

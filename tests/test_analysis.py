@@ -12,11 +12,11 @@ import torchvision
 
 import se_surgery
 from se_surgery import ModelTypeError, PlanError
-from se_surgery import sites as sites_module
+from se_surgery import _sites as sites_module
+from se_surgery._record import RECORD, Inserted, plan_facts
 from se_surgery.modules import ChannelAttention, create, excitation, is_identity
-from se_surgery.record import RECORD, Inserted, plan_facts
-from se_surgery.sweep import overlay
-from se_surgery.train import se_drift
+from se_surgery.studies.sweep import overlay
+from se_surgery.studies.train import se_drift
 
 SIZE = 32
 
@@ -69,7 +69,7 @@ def test_cli_report_with_two_rule_sets_traces_once(traces, capsys):
 
 
 def test_sweep_prices_every_setting_from_one_trace(resnet18, traces):
-    from se_surgery.sweep import _costs
+    from se_surgery.studies.sweep import _costs
 
     settings = {("all_stages", v, None, None): overlay("all_stages", variant=v) for v in ("standard", "pre", "post")}
     costs = _costs(resnet18, settings, (3, SIZE, SIZE))

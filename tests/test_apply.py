@@ -12,7 +12,7 @@ import torchvision
 
 import se_surgery
 from se_surgery import SqueezeExcite
-from se_surgery.plan import se_modules
+from se_surgery._plan import se_modules
 
 RESNET50_PARAMS = 25_557_032
 RESNET50_SE = 2_530_992  # timm seresnet50 has 28,088,024 = 25,557,032 + 2,530,992

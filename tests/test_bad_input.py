@@ -29,8 +29,8 @@ from se_surgery import (
     RuleError,
     TraceError,
 )
-from se_surgery.cli import load_weights
-from se_surgery.rules import OPTION_KEYS, RULE_KEYS, SELECT_KEYS, TOP_KEYS, Rules
+from se_surgery._rules import OPTION_KEYS, RULE_KEYS, SELECT_KEYS, TOP_KEYS, Rules
+from se_surgery.hub import load_weights
 
 ALLOWED_VARIANTS = "standard, pre, post, identity, inner, fusion"
 
@@ -417,7 +417,7 @@ def test_valid_dicts_do_validate():
 
 # ------------------------------------------------------------- issue 21: rule objects, YAML numbers, modules
 
-from se_surgery.rules import Rule, Selector  # noqa: E402 - grouped with the tests that use them
+from se_surgery._rules import Rule, Selector  # noqa: E402 - grouped with the tests that use them
 
 
 @pytest.mark.parametrize("build, message", [

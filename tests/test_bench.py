@@ -1,4 +1,4 @@
-"""``se-surgery bench`` and :mod:`se_surgery.bench`: rows, gates off the identity, missing runtimes."""
+"""``se-surgery bench`` and :mod:`se_surgery.studies.bench`: rows, gates off the identity, missing runtimes."""
 
 import contextlib
 import io
@@ -11,7 +11,7 @@ import torchvision
 import se_surgery
 from se_surgery import bench as bench_mod
 from se_surgery import cli
-from se_surgery.bench import BenchRow, RuntimeUnavailableError, bench, check_runtimes, move_gates_off_identity
+from se_surgery.studies.bench import BenchRow, RuntimeUnavailableError, bench, check_runtimes, move_gates_off_identity
 
 
 def run_cli(args):

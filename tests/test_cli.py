@@ -8,7 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from se_surgery.cli import build_model, main
+from se_surgery.cli import main
+from se_surgery.hub import build_model
 
 
 def test_sites_table_and_json(capsys):

@@ -12,8 +12,8 @@ from torch import nn
 
 import se_surgery
 from se_surgery import PlanError, TraceError
-from se_surgery.plan import se_modules
-from se_surgery.sites import discover
+from se_surgery._plan import se_modules
+from se_surgery._sites import discover
 
 
 class Counting(nn.Module):

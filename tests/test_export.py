@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 import se_surgery
-from se_surgery.bench import move_gates_off_identity
+from se_surgery.studies.bench import move_gates_off_identity
 
 SIZE = 64
 

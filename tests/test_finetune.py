@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 
 import se_surgery
 from se_surgery import AlreadyPatchedError, CheckpointError, NotPatchedError
-from se_surgery.cli import build_for_training
-from se_surgery.record import plan_facts
-from se_surgery.train import Dist, digits_data, evaluate, load_base_weights
+from se_surgery._record import plan_facts
+from se_surgery.hub import build_for_training, load_weights
+from se_surgery.studies.train import Dist, digits_data, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune.py"
@@ -64,7 +64,7 @@ def pretrained(ft, work) -> tuple[Path, float]:
 
 def fresh(path: Path) -> torch.nn.Module:
     m = build_for_training(MODEL, 10)
-    load_base_weights(m, str(path))
+    load_weights(m, str(path), fresh_head=True)
     return m.eval()
 
 

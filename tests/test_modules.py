@@ -15,10 +15,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import se_surgery
 from se_surgery import modules
+from se_surgery._plan import se_modules
+from se_surgery._report import se_macs
+from se_surgery._rules import SEOptions, load_rules
 from se_surgery.errors import ModuleError, RuleError
-from se_surgery.plan import se_modules
-from se_surgery.report import se_macs
-from se_surgery.rules import SEOptions, load_rules
 
 BUILTINS = ("se", "ese", "eca", "gc", "cbam")
 # A second configuration of each module, so that every option reaches the counts.
@@ -224,7 +224,7 @@ def test_module_options_come_from_what_was_written_for_them():
     r = load_rules({"defaults": {"ratio": 16, "kernel_size": 7},
                     "rules": [{"select": {"stage": 1}}, {"select": {"stage": 2}, "module": "eca"},
                               {"select": {"stage": 3}, "module": "gc"}, {"select": {"stage": 3, "block": 1}, "ratio": 4}]})
-    from se_surgery.plan import match
+    from se_surgery._plan import match
 
     sites = [se_surgery.Site(f"s{st}", "residual", f"s{st}", "Block", st, 1, 64, (8, 8)) for st in (1, 2, 3)]
     opts = {e.site.stage: e.options for e in match(r, sites)}

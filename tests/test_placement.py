@@ -18,10 +18,10 @@ import yaml
 from torch import nn
 
 import se_surgery
+from se_surgery._plan import se_modules
+from se_surgery._sites import discover
 from se_surgery.cli import main
 from se_surgery.errors import PlanError, RuleError
-from se_surgery.plan import se_modules
-from se_surgery.sites import discover
 
 PRESETS = Path(__file__).resolve().parent.parent / "rules"
 

@@ -9,8 +9,8 @@ import pytest
 import torchvision
 
 import se_surgery
+from se_surgery._report import FOOTER, se_macs
 from se_surgery.cli import main
-from se_surgery.report import FOOTER, se_macs
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from torch import nn
 
 import se_surgery
 from se_surgery import SqueezeExcite, hf
-from se_surgery.plan import se_modules
-from se_surgery.sites import discover
+from se_surgery._plan import se_modules
+from se_surgery._sites import discover
 
 CONTROL_FLOW = "TraceError: symbolically traced variables cannot be used as inputs to control flow"
 

@@ -12,7 +12,7 @@ import torchvision
 
 import se_surgery
 from se_surgery import Site, load_rules, preset_names
-from se_surgery.plan import match
+from se_surgery._plan import match
 
 PRESETS = ["all_stages", "late_stages", "no_last_stage", "se_pre", "se_post", "se_identity", "inception",
            "timm_compatible"]

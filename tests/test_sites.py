@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import se_surgery
-from se_surgery.sites import discover
+from se_surgery._sites import discover
 
 tv = torchvision.models
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import se_surgery
 from se_surgery import cli, sweep
-from se_surgery.cli import build_for_training
+from se_surgery.hub import build_for_training
 
 MODEL = "timm:test_resnet"
 RULES = ["late_stages", "no_last_stage"]
@@ -114,7 +114,7 @@ def test_resumed_sweep_with_nothing_left_builds_no_model_and_loads_no_data(full,
         raise AssertionError("a finished sweep must not build a model or load data")
 
     monkeypatch.setattr(cli, "build_for_training", refuse)
-    monkeypatch.setattr("se_surgery.train.load_data", refuse)
+    monkeypatch.setattr("se_surgery.studies.train.load_data", refuse)
     rc, stdout, _ = run_cli(sweep_args(out, "--seeds", "2"))
     assert rc == 0
     assert stdout.startswith("skipped 10 finished trial(s)")
@@ -224,7 +224,7 @@ def test_a_line_cut_by_an_interruption_runs_that_trial_again(full, tmp_path):
 
 
 def test_latency_is_recorded_per_setting_when_asked(tmp_path):
-    from se_surgery.train import load_data
+    from se_surgery.studies.train import load_data
 
     data = load_data("digits", 16)
     base = build_for_training(MODEL, data.classes)
@@ -314,7 +314,7 @@ def test_folders_a_sweep_cannot_learn_from_fail_at_once(tmp_path, classes, image
 
 
 def test_folder_augmentation_is_the_users_choice(tmp_path):
-    from se_surgery.train import load_data
+    from se_surgery.studies.train import load_data
 
     root = _image_folder(tmp_path / "data", 2)
     names = {a: [type(t).__name__ for t in load_data(str(root), 16, augment=a).train.dataset.transform.transforms]

@@ -28,8 +28,8 @@ import torch
 import torchvision
 
 import se_surgery
-from se_surgery.plan import se_modules
-from se_surgery.sites import discover
+from se_surgery._plan import se_modules
+from se_surgery._sites import discover
 
 SMALL = 64  # input size wherever the model takes it
 

@@ -346,7 +346,7 @@ def se_join(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | N
         >>> torch.equal(y, torch.relu(skip + x))
         True
     """
-    from ..se import CHANNEL_DIMS, check_choices
+    from .._checks import CHANNEL_DIMS, check_choices
 
     check_choices(channel_dim=(channel_dim, CHANNEL_DIMS), squeeze=(squeeze, SQUEEZES), gate=(gate, GATES),
                   act=(act, ACTS))

@@ -23,6 +23,13 @@ from torch import nn
 
 from ._checks import check_model
 from ._compat import orig_mod
+from ._insert import build_patches, plan_facts
+from ._patch import OwnerPatch, base_class, copy_model, swap
+from ._plan import Plan, PlannedSite, plan_from
+from ._record import PlanFacts, inserted_modules, is_patched, set_facts
+from ._record import plan_facts as plan_facts_of
+from ._rules import Rules, SEOptions, load_rules
+from ._sites import KINDS, Analysis, Site, discover
 from .errors import (
     AlreadyPatchedError,
     CheckpointError,
@@ -32,13 +39,6 @@ from .errors import (
     SESurgeryWarning,
     warn,
 )
-from .insert import build_patches, plan_facts
-from .patch import OwnerPatch, base_class, copy_model, swap
-from .plan import Plan, PlannedSite, plan_from
-from .record import PlanFacts, inserted_modules, is_patched, set_facts
-from .record import plan_facts as plan_facts_of
-from .rules import Rules, SEOptions, load_rules
-from .sites import KINDS, Analysis, Site, discover
 
 __all__ = ["save_se", "load_se", "FORMAT"]
 

@@ -1,4 +1,4 @@
-"""Fine-tuning helpers: train only SE, per-group learning rates, and removing SE again.
+"""What to train and how to take SE out again: SE parameters, freezing the base, learning-rate groups, strip.
 
 The workflow mirrors PEFT's for adapters::
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 from torch import nn
 
 from ._checks import check_model
+from ._patch import copy_model, is_patched_module, original_class, unpatch
+from ._record import clear, inserted_modules, is_patched
 from .errors import NotPatchedError
-from .patch import copy_model, is_patched_module, original_class, unpatch
-from .record import clear, inserted_modules, is_patched
 
 __all__ = ["se_parameters", "mark_only_se_trainable", "param_groups", "strip"]
 

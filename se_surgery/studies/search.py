@@ -6,10 +6,10 @@ variants given (default ``se``, the paper's ratios 4, 8, 16, 32, ``standard`` an
 ``post``). A trial's placement is an ordinary rules dict (one rule per stage that gets
 attention), planned and priced like any other before it trains.
 
-Each trial runs the sweep's trial runner (:mod:`se_surgery.sweep`: same data, budget,
+Each trial runs the sweep's trial runner (:mod:`se_surgery.studies.sweep`: same data, budget,
 seeds, results-line format) on every seed and reports two objectives to a
 multi-objective Optuna study: the mean test accuracy (maximised) and a cost (minimised):
-the parameters or MACs attention adds (``se_surgery.report``). The placement without
+the parameters or MACs attention adds (``se_surgery._report``). The placement without
 attention (the baseline) is the study's first trial.
 
 Optuna's ``trial.report``/``should_prune`` do not exist for multi-objective studies, so
@@ -44,7 +44,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import PlanError, RuleError, SESurgeryError
+from ..errors import PlanError, RuleError, SESurgeryError
 from .sweep import SweepConfig, Trial, _append, _costs, _fmt, _key, _mean_std, _run_trial, pareto_front, read_results
 from .train import Data, Dist, evaluate
 
@@ -156,7 +156,7 @@ def read_space(path: str | os.PathLike) -> dict:
         >>> read_space(f)
         Traceback (most recent call last):
         ...
-        se_surgery.search.SearchError: --space ...: unknown key 'ratios'; allowed: stages, select, module, ratio, variant, defaults
+        se_surgery.studies.search.SearchError: --space ...: unknown key 'ratios'; allowed: stages, select, module, ratio, variant, defaults
     """  # noqa: E501 - doctest output must match verbatim
     import yaml
 
@@ -190,14 +190,14 @@ def build_space(model: nn.Module, input_size=None, *, modules: Sequence[str] | N
     of that stage's choices; a stage whose rule selects no site is not searched.
 
     Example:
-        >>> from se_surgery.cli import build_for_training
+        >>> from se_surgery.hub import build_for_training
         >>> s = build_space(build_for_training("timm:test_resnet", 10), 32, ratios=[8, 16])
         >>> sorted(s.choices), s.choices[1]
         ([1, 2, 3, 4], ('off', 'se/8/standard', 'se/8/post', 'se/16/standard', 'se/16/post'))
     """
-    from .plan import plan_from
-    from .rules import load_rules
-    from .sites import discover
+    from .._plan import plan_from
+    from .._rules import load_rules
+    from .._sites import discover
 
     spec = read_space(space_file) if space_file is not None else {}
     modules = list(modules or spec.get("module") or ["se"])
@@ -236,8 +236,8 @@ def build_space(model: nn.Module, input_size=None, *, modules: Sequence[str] | N
 
 def _combos(modules: list, ratios: list, variants: list, select: dict, defaults: dict) -> list[str]:
     """Every ``module/ratio/variant`` choice (no ratio for a module without one), each checked as a rule."""
-    from .modules import accepts, module_names
-    from .rules import load_rules
+    from .._rules import load_rules
+    from ..modules import accepts, module_names
 
     combos: list[str] = []
     for m in modules:
@@ -538,8 +538,8 @@ def run(model: nn.Module, data: Data, config: SweepConfig, *, space: Space, cost
 
     Example (three trials in a space of 3 placements, two optimizer steps each):
         >>> import tempfile
-        >>> from se_surgery.train import load_data
-        >>> from se_surgery.cli import build_for_training
+        >>> from se_surgery.studies.train import load_data
+        >>> from se_surgery.hub import build_for_training
         >>> data = load_data("digits", 16)
         >>> base = build_for_training("timm:test_resnet", data.classes)
         >>> space = Space({4: ("off", "se/16/post", "se/4/post")})
@@ -697,7 +697,7 @@ def export(rows: list[dict], path: str | Path, study: str = "") -> dict:
     """Write the rules of :func:`best` to ``path`` (YAML that ``se-surgery check`` accepts); return its row."""
     import yaml
 
-    from .rules import load_rules
+    from .._rules import load_rules
 
     b = best(rows)
     head = (f"# se-surgery search, study {study}, trial {b['trial']}: accuracy {100 * b['accuracy']:.2f}% "

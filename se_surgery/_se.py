@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._checks import CHANNEL_DIMS, check_choices
 from .ops.fused import _se_join as _se_join_op
 from .ops.fused import gate_of, scale_join, se_join_into, squeeze_map
 
@@ -22,25 +23,6 @@ GATES = ("sigmoid", "hard_sigmoid")
 INITS = ("identity", "paper")
 ACTS = ("relu", "relu6", "silu", "gelu", "hard_swish", "mish")
 RATIO_OF = ("site", "block_input")
-
-
-CHANNEL_DIMS = (1, -1)
-
-
-def check_choices(**values: tuple) -> None:
-    """Raise ``ValueError`` for the first ``name=(value, allowed)`` whose value is not allowed.
-
-    The rules validate options before any module is built; this guards direct use.
-
-    Example:
-        >>> check_choices(gate=("relu", GATES))
-        Traceback (most recent call last):
-        ...
-        ValueError: gate must be one of ('sigmoid', 'hard_sigmoid'), got 'relu'
-    """
-    for name, (value, allowed) in values.items():
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def make_act(name: str) -> nn.Module:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from ._checks import check_model
-from .patch import is_patched_module
-from .rules import Rules, SEOptions
-from .sites import Site
+from ._patch import is_patched_module
+from ._rules import Rules, SEOptions
+from ._sites import Site
 
 __all__ = ["Inserted", "PlanFacts", "inserted_modules", "is_patched", "plan_facts", "record_of"]
 
@@ -42,7 +42,7 @@ class PlanFacts:
 
     rules: Rules
     input_size: tuple[int, int, int]
-    fingerprint: str  # of the model before surgery (see se_surgery.sites.fingerprint)
+    fingerprint: str  # of the model before surgery (see se_surgery._sites.fingerprint)
     sites: tuple[tuple[str, str, int], ...]  # (name, kind, channels) of every site: what a checkpoint checks
 
 

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .errors import SESurgeryError
+from ..errors import SESurgeryError
 
 __all__ = ["RUNTIMES", "BenchRow", "RuntimeUnavailableError", "bench", "check_runtimes", "format_rows",
            "move_gates_off_identity"]
@@ -51,7 +51,7 @@ class BenchRow:
 
     ``ratio`` is the median over rounds of patched time / base time in the same round;
     ``spread`` its quartiles; ``base_ms`` and ``patched_ms`` the median times of one call;
-    ``macs_ratio`` (base + added MACs) / base MACs from :func:`se_surgery.report`.
+    ``macs_ratio`` (base + added MACs) / base MACs from :func:`se_surgery._report`.
     """
 
     rules: str
@@ -74,7 +74,7 @@ def check_runtimes(runtimes: Sequence[str]) -> None:
         >>> check_runtimes(["tensorrt"])
         Traceback (most recent call last):
         ...
-        se_surgery.bench.RuntimeUnavailableError: unknown runtime 'tensorrt'; choose from eager, compile, onnxruntime, openvino
+        se_surgery.studies.bench.RuntimeUnavailableError: unknown runtime 'tensorrt'; choose from eager, compile, onnxruntime, openvino
     """  # noqa: E501 - doctest output must match verbatim
     for rt in runtimes:
         if rt not in RUNTIMES:
@@ -100,7 +100,7 @@ def move_gates_off_identity(model: nn.Module, seed: int = 0, scale: float = 0.1)
         >>> bool((se.gate(torch.randn(1, se.channels, 4, 4)) != 1).any())
         True
     """
-    from .record import inserted_modules
+    from .._record import inserted_modules
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """One graph per module, as the model calls it, with shapes from one fake forward.
 
-:func:`trace_model` runs the model's forward once on a :func:`~se_surgery.fake.structural_copy`
+:func:`trace_model` runs the model's forward once on a :func:`~se_surgery._fake.structural_copy`
 with fake tensors. Every module the forward calls (except torch.nn layers and the
 leaves a user names) is traced on its own with ``torch.fx``, its children kept as
 ``call_module`` leaves, the first time the model calls it, and with the arguments it
@@ -34,9 +34,9 @@ from ._compat import (
     unset_fake_temporarily,
     wrapped_module,
 )
+from ._fake import fake_mode, model_device_dtype, run_fake, structural_copy
+from ._nodes import is_join
 from .errors import ModelTypeError, TraceError
-from .fake import fake_mode, model_device_dtype, run_fake, structural_copy
-from .nodes import is_join
 
 __all__ = ["TracerOptions", "ModuleGraph", "ModelGraphs", "trace_model", "short_error", "call_skeleton"]
 

@@ -100,7 +100,7 @@ def structural_copy(model: nn.Module, mode: FakeTensorMode) -> tuple[nn.Module, 
 
     Example:
         >>> import torchvision
-        >>> from se_surgery.fake import fake_mode, structural_copy
+        >>> from se_surgery._fake import fake_mode, structural_copy
         >>> m = torchvision.models.resnet18()
         >>> c, _ = structural_copy(m, fake_mode())
         >>> type(c) is type(m), c.training, type(c.conv1.weight).__name__, c.conv1.weight.shape

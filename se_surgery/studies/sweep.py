@@ -37,7 +37,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .errors import RuleError, SESurgeryError, SESurgeryWarning
+from ..errors import RuleError, SESurgeryError, SESurgeryWarning
 from .train import Data, Dist, evaluate, se_drift, seed_everything, train
 
 __all__ = [
@@ -103,7 +103,7 @@ class SweepConfig:
             >>> SweepConfig("m", "digits", lr=float("nan")).check()
             Traceback (most recent call last):
             ...
-            se_surgery.sweep.SweepError: lr nan: must be a finite number from 0 to 1000
+            se_surgery.studies.sweep.SweepError: lr nan: must be a finite number from 0 to 1000
         """
         for name, hi in (("epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH)):
             v = getattr(self, name)
@@ -162,7 +162,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
         >>> parse_shard("4/4")
         Traceback (most recent call last):
         ...
-        se_surgery.sweep.SweepError: trial '4/4': expected I/N with 0 <= I < N, such as 0/2 and 1/2
+        se_surgery.studies.sweep.SweepError: trial '4/4': expected I/N with 0 <= I < N, such as 0/2 and 1/2
     """
     if text is None:
         return 0, 1
@@ -187,7 +187,7 @@ def overlay(rules, variant: str | None = None, ratio: float | None = None, modul
         >>> r["defaults"]["variant"], r["defaults"]["ratio"], r["rules"][0]["variant"]
         ('pre', 8, 'pre')
     """
-    from .rules import load_rules
+    from .._rules import load_rules
 
     given = {k: v for k, v in (("variant", variant), ("ratio", ratio), ("module", module)) if v is not None}
     if "ratio" in given and float(given["ratio"]).is_integer():
@@ -301,7 +301,7 @@ def check_out(path: str | Path) -> None:
         >>> check_out(f + "/results.jsonl")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        se_surgery.sweep.SweepError: out '.../a_file/results.jsonl': '.../a_file' is not a folder
+        se_surgery.studies.sweep.SweepError: out '.../a_file/results.jsonl': '.../a_file' is not a folder
     """
     p = Path(path)
     try:
@@ -329,7 +329,7 @@ def check_input_size(size: int | None) -> None:
         >>> check_input_size(100000)
         Traceback (most recent call last):
         ...
-        se_surgery.sweep.SweepError: input_size 100000: must be an integer from 8 to 4096 (pixels a side)
+        se_surgery.studies.sweep.SweepError: input_size 100000: must be an integer from 8 to 4096 (pixels a side)
     """
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= MAX_SIDE):
         raise SweepError(f"input_size {size!r}: must be an integer from 8 to {MAX_SIDE} (pixels a side)")
@@ -340,7 +340,7 @@ def check_data(data: Data) -> None:
     classes, an empty split, an input size out of bounds, or images that cannot be read.
 
     Example:
-        >>> from se_surgery.train import load_data
+        >>> from se_surgery.studies.train import load_data
         >>> check_data(load_data("digits", 16))
     """
     check_input_size(data.size)
@@ -443,12 +443,12 @@ def _costs(base: nn.Module, settings: dict, input_size, latency: bool = False) -
     """Validate every setting's plan on the model and price it, before any training.
 
     ``latency``: also measure each setting's eager CPU latency ratio to the base
-    (:func:`se_surgery.bench.bench`, batch 1, one thread, at the data's input size).
+    (:func:`se_surgery.studies.bench.bench`, batch 1, one thread, at the data's input size).
     """
     # From the modules: the package attribute se_surgery.plan is the submodule once
     # something imports it by that name (pytest's --doctest-modules does).
-    from .plan import analyze, plan
-    from .report import report
+    from .._plan import analyze, plan
+    from .._report import report
 
     out = {}
     analysis = analyze(base, input_size)  # traced once for every setting
@@ -484,12 +484,12 @@ def run(model: nn.Module, data: Data, config: SweepConfig, *, rules: Sequence[st
     line per trial and, at the end, the markdown :func:`table` of this sweep's records
     (and writes ``plot``). Returns the records of this sweep (this shard's), old and new.
     ``latency=True`` records each setting's measured eager CPU ``latency_ratio`` to the base
-    (batch 1, one thread; :mod:`se_surgery.bench`) in its trials' records.
+    (batch 1, one thread; :mod:`se_surgery.studies.bench`) in its trials' records.
 
     Example (two SE settings and the baseline, three optimizer steps each):
         >>> import tempfile, se_surgery
-        >>> from se_surgery.train import load_data
-        >>> from se_surgery.cli import build_for_training
+        >>> from se_surgery.studies.train import load_data
+        >>> from se_surgery.hub import build_for_training
         >>> data = load_data("digits", 16)
         >>> base = build_for_training("timm:test_resnet", data.classes)
         >>> cfg = SweepConfig("timm:test_resnet", "digits", max_steps=3, lr=0.05)
@@ -626,7 +626,7 @@ def table(records: list[dict]) -> str:
     """A markdown table of trial records: one row per setting, mean ± std over its seeds.
 
     Accuracy is in %, the gain over the baseline of the same seed in percentage points;
-    added parameters and MACs are those of one model (``se_surgery.report``).
+    added parameters and MACs are those of one model (``se_surgery._report``).
 
     Example:
         >>> recs = [{"rules": None, "variant": None, "ratio": None, "module": None, "seed": s, "accuracy": a,

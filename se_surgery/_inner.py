@@ -15,8 +15,8 @@ import torch.fx as fx
 from torch import nn
 
 from ._compat import plain_codegen
-from .nodes import GraphView, is_activation_module
-from .trace import ModuleGraph
+from ._nodes import GraphView, is_activation_module
+from ._trace import ModuleGraph
 
 __all__ = ["InnerPoint", "find_inner", "follows", "inline_path", "mixed_conv"]
 

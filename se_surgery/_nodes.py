@@ -1,6 +1,6 @@
 """What one node of a module's graph is: a join, an activation, a projection, a gate.
 
-Pure functions and a per-graph view over the graphs :func:`~se_surgery.trace.trace_model`
+Pure functions and a per-graph view over the graphs :func:`~se_surgery._trace.trace_model`
 made; sites, insertion and the inner placement all read nodes through here.
 """
 
@@ -18,7 +18,7 @@ from torch import nn
 from ._compat import is_op_overload, pytree_info, spec_children
 
 if TYPE_CHECKING:  # trace.py reads joins through this module; the import runs one way
-    from .trace import ModuleGraph
+    from ._trace import ModuleGraph
 
 __all__ = ["is_add", "is_cat", "is_join", "add_operands", "shape", "tensor_inputs", "ancestors", "GraphView",
            "channel_slice_of",

@@ -19,7 +19,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from .errors import CheckpointError, MissingFileError, SESurgeryError
+from ..errors import MissingFileError, SESurgeryError
 
 __all__ = [
     "Data",
@@ -38,12 +37,9 @@ __all__ = [
     "default_workers",
     "deterministic",
     "freeze_norm_stats",
-    "load_base_weights",
     "load_data",
-    "read_state_dict",
     "se_drift",
     "seed_everything",
-    "set_head",
     "train",
 ]
 
@@ -191,90 +187,6 @@ def load_data(spec: str, size: int | None = None, *, seed: int = 0, workers: int
 
 
 # ----------------------------------------------------------------------------- model
-
-
-def set_head(model: nn.Module, num_classes: int) -> None:
-    """Give ``model`` a fresh classifier for ``num_classes`` (timm ``reset_classifier``, else the last Linear).
-
-    Example:
-        >>> import torchvision
-        >>> m = torchvision.models.resnet18()
-        >>> set_head(m, 10)
-        >>> m.fc
-        Linear(in_features=512, out_features=10, bias=True)
-    """
-    if hasattr(model, "reset_classifier"):  # timm
-        model.reset_classifier(num_classes)
-        return
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise SESurgeryError(f"cannot find the classifier of {type(model).__name__} to give it {num_classes} "
-                             "classes (no nn.Linear)")
-    name, old = linears[-1]  # torchvision puts the classifier last (fc, classifier[-1], heads.head, head)
-    if old.out_features == num_classes:
-        return
-    parent, _, attr = name.rpartition(".")
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A local checkpoint's tensors: safetensors, or ``torch.load`` with ``weights_only=True`` (no pickle of code).
-
-    A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper and DDP's ``module.`` prefix are removed.
-
-    Example:
-        >>> import tempfile, torch
-        >>> f = tempfile.mkdtemp() + "/w.pt"
-        >>> torch.save({"model": {"module.fc.weight": torch.zeros(2, 3)}}, f)
-        >>> list(read_state_dict(f))
-        ['fc.weight']
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise MissingFileError(f"weights {str(path)!r}: no such file")
-    state: Any  # torch.load gives any object; checked below
-    from .checkpoint import read_tensor_file
-
-    try:
-        state = read_tensor_file(p)
-    except Exception as e:  # noqa: BLE001 - safetensors, pickle and zip errors share no base class
-        raise CheckpointError(f"weights {path}: cannot read it ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise CheckpointError(f"weights {path}: expected a state_dict (names to tensors), got {type(state).__name__}")
-    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def load_base_weights(model: nn.Module, path: str | os.PathLike, log: Callable[[str], None] = print) -> None:
-    """Load a local checkpoint into ``model``, keeping a fresh head where the checkpoint's has other classes.
-
-    Tensors whose shape differs from the model's (a classifier for other classes) are
-    left at their fresh initialisation, and ``log`` says so; any other mismatch raises
-    :class:`~se_surgery.CheckpointError` before anything is copied.
-
-    Example:
-        >>> import tempfile
-        >>> f = tempfile.mkdtemp() + "/w.pt"
-        >>> torch.save(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Linear(8, 1000)).state_dict(), f)
-        >>> m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Linear(8, 10))  # a head for 10 classes
-        >>> load_base_weights(m, f, log=lambda s: print(s.split(": ", 1)[1]))
-        1.weight, 1.bias have other shapes (a head for other classes): freshly initialised
-    """
-    state = read_state_dict(path)
-    own = model.state_dict()
-    reshaped = [k for k in state if k in own and state[k].shape != own[k].shape]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(f"weights {path}: does not fit {type(model).__name__}: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-    model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=False)
-    if reshaped:
-        log(f"{path}: {', '.join(reshaped)} have other shapes (a head for other classes): freshly initialised")
 
 
 # -------------------------------------------------------------------------- training
@@ -504,8 +416,8 @@ def se_drift(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         >>> se_drift(m, torch.randn(2, 3, 32, 32))
         {'fc2_max': 0.0, 'gate_dev': 0.0}
     """
-    from .modules import excitation
-    from .record import inserted_modules
+    from .._record import inserted_modules
+    from ..modules import excitation
 
     mods = [m for _, m, _ in inserted_modules(model)]
     devs: list[torch.Tensor] = []

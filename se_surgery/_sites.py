@@ -13,9 +13,8 @@ import torch.fx as fx
 from torch import nn
 
 from ._checks import check_model
-from .errors import ModelTypeError, TraceError
-from .inner import find_inner, follows, mixed_conv
-from .nodes import (
+from ._inner import find_inner, follows, mixed_conv
+from ._nodes import (
     ATTENTION_CLASSES,
     GraphView,
     add_operands,
@@ -32,7 +31,8 @@ from .nodes import (
     shape,
     tensor_inputs,
 )
-from .trace import ModelGraphs, ModuleGraph, trace_model
+from ._trace import ModelGraphs, ModuleGraph, trace_model
+from .errors import ModelTypeError, TraceError
 
 __all__ = ["Site", "Analysis", "find_sites", "discover", "fingerprint", "resolve_input_size", "KINDS"]
 
@@ -759,7 +759,7 @@ def find_sites(model: nn.Module | Analysis, input_size=None, *, tracer_kwargs=No
             the model's timm ``pretrained_cfg`` size, else 3x224x224.
         tracer_kwargs: ``leaf_modules``, ``autowrap_functions``, ``autowrap_modules``
             and ``concrete_args`` for models that do not trace as they are (see
-            :class:`~se_surgery.trace.TracerOptions`).
+            :class:`~se_surgery._trace.TracerOptions`).
 
     Returns:
         Frozen :class:`Site` records.

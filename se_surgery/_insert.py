@@ -11,18 +11,18 @@ import torch.fx as fx
 from torch import nn
 
 from . import modules
+from ._fake import model_device_dtype
+from ._inner import inline_path
+from ._nodes import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, add_operands, ancestors, is_activation_module
+from ._patch import OwnerPatch, copy_model, patched_class, source_of, swap
+from ._plan import Plan, PlannedSite, check_plan, check_unpatched
+from ._plan import plan as make_plan
+from ._record import Inserted, PlanFacts, mark, set_facts
+from ._rules import SEOptions
+from ._se import SqueezeExcite
+from ._sites import Analysis
+from ._trace import ModuleGraph
 from .errors import ModelTypeError, PlanError
-from .fake import model_device_dtype
-from .inner import inline_path
-from .nodes import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, add_operands, ancestors, is_activation_module
-from .patch import OwnerPatch, copy_model, patched_class, source_of, swap
-from .plan import Plan, PlannedSite, check_plan, check_unpatched
-from .plan import plan as make_plan
-from .record import Inserted, PlanFacts, mark, set_facts
-from .rules import SEOptions
-from .se import SqueezeExcite
-from .sites import Analysis
-from .trace import ModuleGraph
 
 __all__ = ["apply", "build_patches"]
 
@@ -214,7 +214,7 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
           tracer_kwargs=None) -> nn.Module:
     """Insert SE modules into ``model`` where ``rules`` say, keeping every weight.
 
-    ``rules`` may be a :class:`~se_surgery.Plan` from :func:`se_surgery.plan` (of the
+    ``rules`` may be a :class:`~se_surgery.Plan` from :func:`se_surgery._plan` (of the
     model, or of its :class:`~se_surgery.Analysis`): what the user reviewed is then
     exactly what is cut, without tracing again (a plan made for a model of another
     structure is refused, naming both). ``model`` itself is always needed: an Analysis

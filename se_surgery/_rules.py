@@ -44,9 +44,9 @@ from typing import Any
 import yaml
 
 from . import modules
+from ._shipped import _preset_dir, preset_names, preset_summaries
 from .errors import MissingFileError, ModuleError, RuleError
 from .modules import DIVISOR_RANGE, MIN_HIDDEN_RANGE, RATIO_RANGE
-from .shipped import _preset_dir, preset_names, preset_summaries
 
 __all__ = [
     "DIVISOR_RANGE",

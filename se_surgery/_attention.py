@@ -2,7 +2,7 @@
 
 Each follows its timm counterpart (``timm/layers``: ``EffectiveSEModule``, ``EcaModule``,
 ``GlobalContext``, ``CbamModule``) in structure and parameter count, with two additions
-shared with :class:`~se_surgery.se.SqueezeExcite`:
+shared with :class:`~se_surgery._se.SqueezeExcite`:
 
 - ``init="identity"`` (the default) makes the module compute exactly its input when it is
   inserted: gates are ``2 * sigmoid(z)`` (or ``2 * hard_sigmoid(z)``) with the layer that
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .se import ACTS, CHANNEL_DIMS, GATES, INITS, RATIO_OF, check_choices, hidden_channels, make_act, reduced_channels
+from ._checks import CHANNEL_DIMS, check_choices
+from ._se import ACTS, GATES, INITS, RATIO_OF, hidden_channels, make_act, reduced_channels
 
 __all__ = ["CBAM", "ECA", "EffectiveSE", "GlobalContext", "eca_kernel_size"]
 
@@ -181,7 +182,7 @@ class GlobalContext(nn.Module):
     Attention pooling (a 1x1 conv ``C -> 1``, softmax over positions, weighted sum), then a
     bottleneck ``C -> hidden -> C`` with LayerNorm and ReLU, fused by ``add`` (timm's
     ``gca``, used in ``gcresnet50t``) or by a ``scale`` gate (timm's ``gc``). ``hidden`` is
-    :func:`~se_surgery.se.hidden_channels` of ``ratio`` (timm's ``rd_ratio=1/8``).
+    :func:`~se_surgery._se.hidden_channels` of ``ratio`` (timm's ``rd_ratio=1/8``).
     Parameters: ``(C + 1) + 2 * C * hidden + 3 * hidden + C``.
 
     Example:

@@ -20,13 +20,13 @@ from torch import nn
 from . import modules
 from ._checks import check_model
 from ._compat import flop_counter, orig_mod
+from ._fake import run_copy
+from ._plan import Plan, check_plan, plan_from
+from ._record import inserted_modules, is_patched, plan_facts
+from ._rules import load_rules
+from ._sites import Analysis, analysis_of, resolve_input_size
+from ._trace import short_error
 from .errors import ModelTypeError, PlanError, TraceError
-from .fake import run_copy
-from .plan import Plan, check_plan, plan_from
-from .record import inserted_modules, is_patched, plan_facts
-from .rules import load_rules
-from .sites import Analysis, analysis_of, resolve_input_size
-from .trace import short_error
 
 __all__ = ["CSV_COLUMNS", "FOOTER", "FORMATS", "Report", "SiteRow", "report", "se_macs", "se_params"]
 
@@ -211,7 +211,7 @@ def report(model: nn.Module | Analysis, rules=None, *, input_size=None, tracer_k
 
     Example:
         >>> import torchvision
-        >>> from se_surgery.report import report
+        >>> from se_surgery._report import report
         >>> r = report(torchvision.models.resnet50(), "all_stages")
         >>> r.base_params, r.added_params, round(r.added_params_pct, 2)
         (25557032, 2530992, 9.9)

@@ -9,17 +9,17 @@ from torch import nn
 
 from . import modules
 from ._checks import check_model
+from ._record import inserted_modules, is_patched
+from ._rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
+from ._sites import Analysis, Site, analysis_of, discover, fingerprint, forward_failed
 from .errors import AlreadyPatchedError, PlanError, TraceError, warn
-from .record import inserted_modules, is_patched
-from .rules import VARIANTS_BY_KIND, Rules, SEOptions, load_rules
-from .sites import Analysis, Site, analysis_of, discover, fingerprint, forward_failed
 
 __all__ = ["Plan", "PlannedSite", "analyze", "plan", "match", "check_unpatched", "check_plan", "se_modules"]
 
 
 def se_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(dotted name, module) of every module se-surgery inserted into ``model`` (see
-    :func:`se_surgery.record.inserted_modules`, which also gives each one's record)."""
+    :func:`se_surgery._record.inserted_modules`, which also gives each one's record)."""
     return [(n, m) for n, m, _ in inserted_modules(model)]
 
 
@@ -41,7 +41,7 @@ def analyze(model: nn.Module, input_size=None, tracer_kwargs=None) -> Analysis:
     changing or running it (see :func:`find_sites`).
 
     The returned :class:`Analysis` is a frozen value that :func:`se_surgery.find_sites`,
-    :func:`se_surgery.plan` and :func:`se_surgery.report` take in place of the model, so
+    :func:`se_surgery._plan` and :func:`se_surgery._report` take in place of the model, so
     one analysis serves any number of rule sets; ``se_surgery.apply(model,
     se_surgery.plan(analysis, rules))`` cuts what was planned (into a model with the
     analysed structure only).
@@ -167,7 +167,7 @@ def match(rules: Rules, sites: list[Site]) -> list[PlannedSite]:
     """Resolve which site gets SE with which options (a pure function of rules and sites).
 
     Example:
-        >>> from se_surgery.rules import load_rules
+        >>> from se_surgery._rules import load_rules
         >>> s = Site("a", "residual", "a", "Block", 1, 1, 64, (8, 8))
         >>> r = load_rules({"rules": [{"select": {}}, {"select": {"name": "a"}, "ratio": 4}]})
         >>> e = match(r, [s])[0]
@@ -228,7 +228,7 @@ def plan(model: nn.Module | Analysis, rules=None, *, input_size=None, strict: bo
     Args:
         model: the model to plan for (not modified, not run), or its
             :class:`~se_surgery.Analysis` (one analysis serves any number of plans).
-        rules: path, preset name, dict, :class:`~se_surgery.rules.Rules` or rule list;
+        rules: path, preset name, dict, :class:`~se_surgery._rules.Rules` or rule list;
             ``None`` is the ``all_stages`` preset.
         input_size: example input size for shapes (see :func:`find_sites`).
         strict: turn warnings (a rule selecting nothing, untraceable blocks) into errors.
@@ -237,7 +237,7 @@ def plan(model: nn.Module | Analysis, rules=None, *, input_size=None, strict: bo
 
     Example:
         >>> import torchvision
-        >>> from se_surgery.plan import plan
+        >>> from se_surgery._plan import plan
         >>> p = plan(torchvision.models.resnet50(), "late_stages")
         >>> [e.site.name for e in p.selected][:2], len(p.selected)
         (['layer3.0', 'layer3.1'], 9)
