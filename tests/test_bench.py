@@ -9,8 +9,8 @@ import torch
 import torchvision
 
 import se_surgery
-from se_surgery import bench as bench_mod
 from se_surgery import cli
+from se_surgery.studies import bench as bench_mod
 from se_surgery.studies.bench import BenchRow, RuntimeUnavailableError, bench, check_runtimes, move_gates_off_identity
 
 

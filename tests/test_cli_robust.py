@@ -409,7 +409,7 @@ def test_compare_uses_the_single_reports_headers_and_formats():
 
 
 def test_library_errors_name_parameters_and_the_cli_names_flags():
-    from se_surgery import sweep
+    from se_surgery.studies import sweep
 
     with pytest.raises(sweep.SweepError, match=r"^weight_decay -1: must be a finite number from 0 to 1000$"):
         sweep.SweepConfig("m", "digits", weight_decay=-1).check()

@@ -21,8 +21,9 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 import se_surgery  # noqa: E402
-from se_surgery import cli, search  # noqa: E402
+from se_surgery import cli  # noqa: E402
 from se_surgery.hub import build_for_training  # noqa: E402
+from se_surgery.studies import search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "timm:test_resnet"

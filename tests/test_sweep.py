@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import se_surgery
-from se_surgery import cli, sweep
+from se_surgery import cli
 from se_surgery.hub import build_for_training
+from se_surgery.studies import sweep
 
 MODEL = "timm:test_resnet"
 RULES = ["late_stages", "no_last_stage"]
