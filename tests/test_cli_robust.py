@@ -261,7 +261,7 @@ def test_ctrl_c_is_one_line_and_exit_130():
     # The interrupt arrives while a command runs, as Ctrl-C during a long report would.
     code = textwrap.dedent("""
         import os, signal, sys
-        from se_surgery import hub
+        from se_surgery import cli
         cli._cmd_check = lambda args: os.kill(os.getpid(), signal.SIGINT)
         sys.exit(cli.main(["check", "late_stages"]))
     """)
