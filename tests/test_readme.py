@@ -29,10 +29,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # Blocks that do not run as written, by a line they contain: the error they raise, and why.
 # An entry fails the test once its block runs, or once no block holds its line, so that it
 # is removed when README.md is fixed.
-README_BUGS: dict[str, tuple[type[Exception], str]] = {
-    'timm.create_model("seresnet50", pretrained=True)': (
-        NameError, "the block uses timm without `import timm`"),
-}
+README_BUGS: dict[str, tuple[type[Exception], str]] = {}
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
