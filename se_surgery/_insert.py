@@ -214,7 +214,7 @@ def apply(model: nn.Module, rules=None, *, input_size=None, strict: bool = False
           tracer_kwargs=None) -> nn.Module:
     """Insert SE modules into ``model`` where ``rules`` say, keeping every weight.
 
-    ``rules`` may be a :class:`~se_surgery.Plan` from :func:`se_surgery._plan` (of the
+    ``rules`` may be a :class:`~se_surgery.Plan` from :func:`se_surgery.plan` (of the
     model, or of its :class:`~se_surgery.Analysis`): what the user reviewed is then
     exactly what is cut, without tracing again (a plan made for a model of another
     structure is refused, naming both). ``model`` itself is always needed: an Analysis

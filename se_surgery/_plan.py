@@ -41,7 +41,7 @@ def analyze(model: nn.Module, input_size=None, tracer_kwargs=None) -> Analysis:
     changing or running it (see :func:`find_sites`).
 
     The returned :class:`Analysis` is a frozen value that :func:`se_surgery.find_sites`,
-    :func:`se_surgery._plan` and :func:`se_surgery._report` take in place of the model, so
+    :func:`se_surgery.plan` and :func:`se_surgery.report` take in place of the model, so
     one analysis serves any number of rule sets; ``se_surgery.apply(model,
     se_surgery.plan(analysis, rules))`` cuts what was planned (into a model with the
     analysed structure only).

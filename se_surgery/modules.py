@@ -31,7 +31,7 @@ then fall back to measuring it (``module.forward(x) / x``, 1 where ``x`` is 0; a
 exact comparison of ``forward`` on a fixed random map with the map itself), and its
 ``channels`` are the site's. Drift (:func:`se_surgery.studies.train.se_drift`), reports and
 checkpoints read every inserted module through this protocol and
-:mod:`se_surgery._record`, the same for every module.
+:func:`se_surgery.inserted_modules`, the same for every module.
 
 Users add their own with :func:`register_module`, or from an installed package through
 the entry-point group ``se_surgery.modules`` (the entry point's name is the module name,
@@ -43,7 +43,7 @@ them). A module whose ``forward`` has no ``skip`` parameter is closed into a res
 join as ``skip + module(x)``.
 
 MACs (multiply-accumulates for one image at C x H x W, E = C*H*W elements, P = H*W, the
-convention of :mod:`se_surgery._report`): the FC/conv/matmul MACs plus one op per element
+convention of :func:`se_surgery.report`): the FC/conv/matmul MACs plus one op per element
 for each global pool and one for each scale or add:
 
 - ``se``: ``2*C*hidden + E`` (``2E`` for ``avgmax``) ``+ E``
@@ -487,7 +487,7 @@ def check_module(module_name: str, channels: int, spatial: tuple[int, int], opti
     shape; raise :class:`ModuleError` naming the module, the site and what is wrong.
 
     Plan time calls this for every registered (non built-in) module it would insert, so
-    that :func:`se_surgery._report` and :func:`se_surgery.apply` accept and refuse the same
+    that :func:`se_surgery.report` and :func:`se_surgery.apply` accept and refuse the same
     factories, and a factory's bug never surfaces as a raw torch error mid-surgery.
     Built-ins are exact by construction and not run.
 

@@ -51,7 +51,7 @@ class BenchRow:
 
     ``ratio`` is the median over rounds of patched time / base time in the same round;
     ``spread`` its quartiles; ``base_ms`` and ``patched_ms`` the median times of one call;
-    ``macs_ratio`` (base + added MACs) / base MACs from :func:`se_surgery._report`.
+    ``macs_ratio`` (base + added MACs) / base MACs from :func:`se_surgery.report`.
     """
 
     rules: str

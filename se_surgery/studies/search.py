@@ -9,7 +9,7 @@ attention), planned and priced like any other before it trains.
 Each trial runs the sweep's trial runner (:mod:`se_surgery.studies.sweep`: same data, budget,
 seeds, results-line format) on every seed and reports two objectives to a
 multi-objective Optuna study: the mean test accuracy (maximised) and a cost (minimised):
-the parameters or MACs attention adds (``se_surgery._report``). The placement without
+the parameters or MACs attention adds (``se_surgery.report``). The placement without
 attention (the baseline) is the study's first trial.
 
 Optuna's ``trial.report``/``should_prune`` do not exist for multi-objective studies, so
@@ -415,8 +415,9 @@ class _Run:
         resolved = self.space.rules(params)
         label = self.space.placement(params)
         setting = (label, None, None, None)
-        cost = {"sites": 0, "added_params": 0, "added_macs": 0} if resolved is None else \
-            _costs(self.model, {setting: resolved}, self.data.input_size)[setting]
+        # latency: the placement's measured eager CPU latency ratio to the base (studies.bench)
+        cost = {"sites": 0, "added_params": 0, "added_macs": 0, "latency_ratio": 1.0} if resolved is None else \
+            _costs(self.model, {setting: resolved}, self.data.input_size, latency=self.cost == "latency")[setting]
         extra = {"trial": number, "study": self.name, "placement": label, "trial_rules": resolved}
         recs = []
         for seed in range(self.seeds):
@@ -451,7 +452,8 @@ class _Run:
             trial.set_user_attr("accuracy_by_seed", accs)
             trial.set_user_attr("seconds", round(sum(r["seconds"] for r in recs), 3))
             self._describe(trial, label, resolved, cost)
-            self.study.tell(trial, [statistics.fmean(accs), float(cost[f"added_{self.cost}"])])
+            objective = cost["latency_ratio"] if self.cost == "latency" else cost[f"added_{self.cost}"]
+            self.study.tell(trial, [statistics.fmean(accs), float(objective)])
         self.d.log(f"[trial {number}] {label}: accuracy {_mean_std([r['accuracy'] for r in recs])}%, "
                    f"+{cost['added_params']:,} params, +{cost['added_macs']:,} MACs, {recs[-1]['steps']} steps, "
                    f"{sum(r['seconds'] for r in recs):.1f} s")
@@ -459,7 +461,8 @@ class _Run:
     @staticmethod
     def _describe(trial, label: str, resolved, cost: dict) -> None:
         for k, v in (("placement", label), ("rules", resolved), ("added_params", cost["added_params"]),
-                     ("added_macs", cost["added_macs"]), ("sites", cost["sites"])):
+                     ("added_macs", cost["added_macs"]), ("sites", cost["sites"]),
+                     ("latency_ratio", cost.get("latency_ratio"))):
             trial.set_user_attr(k, v)
 
     def next_trial(self, target: int, deadline: float | None):
@@ -514,10 +517,6 @@ def _check_args(cost: str, trials: int, seeds: int, pruner: str, prune_after: in
 
 
 def _check_cost(cost: str) -> None:
-    if cost == "latency":
-        raise SearchError("--objective latency is not available yet: it needs measured latency from "
-                          "se_surgery.bench (the `se-surgery bench` command), which this installation does not "
-                          "have; use --objective params or --objective macs")
     if cost not in COSTS:
         raise SearchError(f"--objective {cost!r}: the cost objective is one of {', '.join(COSTS)}")
 
@@ -671,12 +670,15 @@ def front_table(rows: list[dict], cost: str = "params") -> str:
         | 3 | 95.00 | 88 | 120 | 1 | s1=- s2=se/16/post |
     """
     on = sorted((r for r in rows if r["front"]), key=lambda r: (r["cost"], -r["accuracy"]))
-    head = ["trial", "accuracy %", "added params", "added MACs", "sites", "placement"]
-    lines = [f"Pareto front: {len(on)} of {len(rows)} completed placements (accuracy up, added {cost} down)", "",
+    latency = cost == "latency"
+    head = ["trial", "accuracy %", *(["latency / base"] if latency else []), "added params", "added MACs", "sites",
+            "placement"]
+    down = "latency" if latency else f"added {cost}"
+    lines = [f"Pareto front: {len(on)} of {len(rows)} completed placements (accuracy up, {down} down)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in on:
-        cells = [r["trial"], _mean_std(r["accuracy_by_seed"]), *(_count(r.get(k)) for k in ("added_params",
-                 "added_macs", "sites")), r["placement"] or "?"]
+        cells = [r["trial"], _mean_std(r["accuracy_by_seed"]), *([f"{r['cost']:.3f}"] if latency else []),
+                 *(_count(r.get(k)) for k in ("added_params", "added_macs", "sites")), r["placement"] or "?"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
@@ -738,7 +740,7 @@ def plot(rows: list[dict], path: str | Path, cost: str = "params", title: str = 
             ax.scatter([r["cost"]], [100 * r["accuracy"]], marker="*", s=120, color="k", zorder=4,
                        label="baseline (no attention)")
     seeds = max((len(r["accuracy_by_seed"]) for r in rows), default=1)
-    ax.set(xlabel=f"added {'parameters' if cost == 'params' else 'MACs'}",
+    ax.set(xlabel={"params": "added parameters", "macs": "added MACs"}.get(cost, "measured latency / base"),
            ylabel=f"test accuracy (%, mean of {seeds} seed(s))", title=title)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

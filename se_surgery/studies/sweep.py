@@ -626,7 +626,7 @@ def table(records: list[dict]) -> str:
     """A markdown table of trial records: one row per setting, mean ± std over its seeds.
 
     Accuracy is in %, the gain over the baseline of the same seed in percentage points;
-    added parameters and MACs are those of one model (``se_surgery._report``).
+    added parameters and MACs are those of one model (``se_surgery.report``).
 
     Example:
         >>> recs = [{"rules": None, "variant": None, "ratio": None, "module": None, "seed": s, "accuracy": a,
