@@ -350,9 +350,24 @@ def _examples(*lines: str) -> str:
 # One self-contained block: the model builder for training and the ``sweep`` command.
 
 
+def _data_and_base(args):
+    """The data and the base model (a fresh head for the data's classes) of ``sweep`` and ``search``."""
+    from .studies.sweep import check_data
+    from .studies.train import load_data, seed_everything
+
+    data = load_data(args.data, args.input_size, workers=args.workers, augment=getattr(args, "augment", "crop"))
+    check_data(data)
+    # The fresh head (and a base without weights) must be the same in every run, worker and
+    # shard: trial keys promise that a finished trial would come out the same again.
+    seed_everything(0)
+    model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
+    if args.weights:
+        load_weights(model, args.weights, fresh_head=True, log=lambda m: print(m, file=sys.stderr))
+    return data, model
+
+
 def _cmd_sweep(args) -> int:
     from .studies import sweep
-    from .studies.train import load_data, seed_everything
 
     # Everything that can be checked without data or a model is checked first, so that a
     # typo fails at once rather than after the first trial trained.
@@ -380,14 +395,7 @@ def _cmd_sweep(args) -> int:
             if args.plot:
                 sweep.plot(records, args.plot)
             return 0
-    data = load_data(args.data, args.input_size, workers=args.workers, augment=args.augment)
-    sweep.check_data(data)
-    # The fresh head (and a base without weights) must be the same in every run and every
-    # shard: trial keys promise that a finished trial would come out the same again.
-    seed_everything(0)
-    model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
-    if args.weights:
-        load_weights(model, args.weights, fresh_head=True, log=lambda m: print(m, file=sys.stderr))
+    data, model = _data_and_base(args)
     sweep.run(model, data, config, device=args.device, plot=args.plot, latency=args.latency, **grid)
     return 0
 
@@ -451,7 +459,6 @@ def _add_sweep_parser(sub) -> None:
 
 def _cmd_search(args) -> int:
     from .studies import search, sweep
-    from .studies.train import load_data, seed_everything
 
     try:
         import optuna
@@ -471,11 +478,7 @@ def _cmd_search(args) -> int:
     if args.space:
         search.read_space(args.space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # this command prints its own line per trial
-    data = load_data(args.data, args.input_size, workers=args.workers)
-    seed_everything(0)  # the fresh head is the same in every worker and every rerun
-    model = build_for_training(args.model, data.classes, pretrained=args.pretrained)
-    if args.weights:
-        load_weights(model, args.weights, fresh_head=True, log=lambda m: print(m, file=sys.stderr))
+    data, model = _data_and_base(args)
     config = sweep.SweepConfig(
         model=args.model, weights=args.weights, pretrained=args.pretrained, data=args.data, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, se_lr=args.se_lr,

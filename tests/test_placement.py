@@ -135,15 +135,18 @@ def test_ese_after_vovnet_fusion_conv():
         assert torch.equal(base(x), patched(x))  # identity init
 
 
+class Cat(nn.Module):
+    """A concat of two convs and nothing after it: no block input, no fusion layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
 def test_fusion_needs_a_consuming_conv():
-    class Cat(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
-
-        def forward(self, x):
-            return torch.cat([self.a(x), self.b(x)], 1)
-
     with pytest.raises(PlanError, match=r"'fusion' needs a conv layer that alone reads the concatenation, and "
                                         r"cat has none; use 'standard'$"):
         se_surgery.plan(Cat(), {"rules": [{"select": {"kind": "concat"}, "variant": "fusion"}]}, input_size=16)
@@ -250,14 +253,6 @@ def test_new_options_are_checked(key, value, allowed):
 
 
 def test_ratio_of_block_input_needs_a_block_input():
-    class Cat(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
-
-        def forward(self, x):
-            return torch.cat([self.a(x), self.b(x)], 1)
-
     with pytest.raises(PlanError, match=r"key 'ratio_of': 'block_input' needs the block's input channels, which "
                                         r"concat site cat has not; use ratio_of: site$"):
         se_surgery.plan(Cat(), {"rules": [{"select": {}, "ratio_of": "block_input"}]}, input_size=16)
