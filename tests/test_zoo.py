@@ -92,6 +92,10 @@ NO_SITES = {
     "tv:alexnet": "plain conv stack, no joins",
     **{f"tv:{n}": "plain conv stack, no joins" for n in TORCHVISION if n.startswith("vgg")},
     **{f"tv:{n}": _TOKENS for n in TORCHVISION if n.startswith("vit_")},
+    # Their only 4-D adds are conv positional encodings, x + dwconv(x) without a nonlinearity;
+    # CoaT's other joins are per-group concats over one split (its relative position encoding).
+    **{f"timm:{n}": "conv positional encodings and 3-D token adds: no sites"
+       for n in ["davit_tiny", "twins_svt_small", "coat_lite_tiny"]},
     **{f"timm:{n}": _TOKENS for n in ["pvt_v2_b0", "levit_128s", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
                                       "mixer_s32_224", "resmlp_12_224", "crossvit_tiny_240", "xcit_nano_12_p16_224",
                                       "pit_ti_224", "cait_xxs24_224", "hiera_tiny_224"]},
