@@ -4,7 +4,7 @@ Data (the offline scikit-learn digits, or an ImageFolder), a local-checkpoint lo
 that tolerates a classifier for other classes, a seeded SGD loop with a cosine
 schedule that runs in DistributedDataParallel under ``torchrun``, evaluation, and a
 measure of how far the SE modules moved from identity. Building a model by name is
-the CLI's job (:func:`se_surgery.cli.build_model`); everything here takes a model.
+the hub's job (:func:`se_surgery.hub.build_model`); everything here takes a model.
 
 Optional dependencies (scikit-learn for ``digits``, tqdm for progress bars) are
 imported only where they are used, so ``import se_surgery`` stays light.
