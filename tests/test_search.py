@@ -88,7 +88,14 @@ def test_killed_worker_resumes(tmp_path):
     args = ["--trials", "4", "--pruner", "none", "--out", str(out), "--sampler-seed", "1"]
     p = worker(args)
     deadline = time.monotonic() + 120
-    while not lines(out) and time.monotonic() < deadline and p.poll() is None:
+
+    def training() -> bool:  # a trial finished, and the next one is running with its worker recorded
+        if not lines(out) or not list(tmp_path.glob("*.journal")):
+            return False
+        running = journal(next(tmp_path.glob("*.journal"))).get_trials(states=(S.RUNNING,))
+        return any("pid" in t.user_attrs for t in running)
+
+    while not training() and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)  # no chance to tidy up: its running trial stays RUNNING
     p.wait()
