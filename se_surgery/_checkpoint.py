@@ -26,15 +26,13 @@ from ._compat import orig_mod
 from ._insert import build_patches, plan_facts
 from ._patch import OwnerPatch, base_class, copy_model, swap
 from ._plan import Plan, PlannedSite, plan_from
-from ._record import PlanFacts, inserted_modules, is_patched, set_facts
-from ._record import plan_facts as plan_facts_of
+from ._record import PlanFacts, facts_of, inserted_modules, is_patched, not_patched, set_facts
 from ._rules import Rules, SEOptions, load_rules
 from ._sites import KINDS, Analysis, Site, discover
 from .errors import (
     AlreadyPatchedError,
     CheckpointError,
     MissingFileError,
-    NotPatchedError,
     RuleError,
     SESurgeryWarning,
     warn,
@@ -89,11 +87,6 @@ def _class_path(model: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _no_se(model: nn.Module, what: str) -> NotPatchedError:
-    return NotPatchedError(f"{type(model).__name__} has no SE from se-surgery; {what} "
-                           "(call se_surgery.apply(model, rules) first)")
-
-
 def _short(path) -> str:
     text = str(path)
     return repr(text if len(text) <= 120 else text[:60] + "..." + text[-57:])
@@ -135,7 +128,7 @@ def _check_target(path) -> Path:
 
 def _one_plan(model: nn.Module) -> PlanFacts:
     """The one plan the inserted modules of ``model`` came from."""
-    found = plan_facts_of(model)
+    found = facts_of(model)
     if len(found) != 1:
         sizes = sorted({"x".join(map(str, f.input_size)) for f in found})
         raise CheckpointError(f"the SE modules of this {type(model).__name__} come from {len(found)} apply() calls "
@@ -227,7 +220,7 @@ def save_se(model: nn.Module, path: str | os.PathLike, *, include_base: bool = F
     inner, prefix = unwrap(check_model(model))
     mods = inserted_modules(inner)
     if not mods:
-        raise _no_se(inner, "there are no SE weights to save")
+        raise not_patched(inner, "there are no SE weights to save")
     _check_values(inner, path, "save")
     se_ids = {id(p) for _, m, _ in mods for p in m.parameters()}
     trainable = [n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in se_ids]

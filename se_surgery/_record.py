@@ -20,8 +20,9 @@ from ._checks import check_model
 from ._patch import is_patched_module
 from ._rules import Rules, SEOptions
 from ._sites import Site
+from .errors import NotPatchedError
 
-__all__ = ["Inserted", "PlanFacts", "inserted_modules", "is_patched", "plan_facts", "record_of"]
+__all__ = ["Inserted", "PlanFacts", "inserted_modules", "is_patched", "facts_of", "not_patched", "record_of"]
 
 RECORD = "se_surgery_inserted"
 FACTS = "se_surgery_plan"
@@ -96,7 +97,7 @@ def is_patched(model: nn.Module) -> bool:
     return any(record_of(m) is not None or is_patched_module(m) for m in check_model(model, sharded_ok=True).modules())
 
 
-def plan_facts(model: nn.Module) -> list[PlanFacts]:
+def facts_of(model: nn.Module) -> list[PlanFacts]:
     """The plan facts found in ``model``: on its root, or on the submodules that were
     patched separately (one entry per distinct apply)."""
     out: list[PlanFacts] = []
@@ -105,3 +106,9 @@ def plan_facts(model: nn.Module) -> list[PlanFacts]:
         if facts is not None and facts not in out:
             out.append(facts)
     return out
+
+
+def not_patched(model: nn.Module, what: str) -> NotPatchedError:
+    """The error for an operation that needs inserted modules, on a model without any."""
+    return NotPatchedError(f"{type(model).__name__} has no SE from se-surgery; {what} "
+                           "(call se_surgery.apply(model, rules) first)")

@@ -22,7 +22,7 @@ from ._checks import check_model
 from ._compat import flop_counter, orig_mod
 from ._fake import run_copy
 from ._plan import Plan, check_plan, plan_from
-from ._record import inserted_modules, is_patched, plan_facts
+from ._record import facts_of, inserted_modules, is_patched
 from ._rules import load_rules
 from ._sites import Analysis, analysis_of, resolve_input_size
 from ._trace import short_error
@@ -223,7 +223,7 @@ def report(model: nn.Module | Analysis, rules=None, *, input_size=None, tracer_k
         if rules is not None:
             raise PlanError("this model already has SE from se-surgery; report(model) describes it, "
                             "rules only apply to an unpatched model")
-        facts = plan_facts(model)
+        facts = facts_of(model)
         if input_size is None and facts:  # counted at the size it was patched at
             input_size = facts[0].input_size
         return _report_patched(model, resolve_input_size(model, input_size))

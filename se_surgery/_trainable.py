@@ -16,15 +16,9 @@ from torch import nn
 
 from ._checks import check_model
 from ._patch import copy_model, is_patched_module, original_class, unpatch
-from ._record import clear, inserted_modules, is_patched
-from .errors import NotPatchedError
+from ._record import clear, inserted_modules, is_patched, not_patched
 
 __all__ = ["se_parameters", "mark_only_se_trainable", "param_groups", "strip"]
-
-
-def _no_se(model: nn.Module, what: str) -> NotPatchedError:
-    return NotPatchedError(f"{type(model).__name__} has no SE from se-surgery; {what} "
-                           "(call se_surgery.apply(model, rules) first)")
 
 
 def se_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -69,7 +63,7 @@ def mark_only_se_trainable(model: nn.Module) -> str:
     """
     se = {id(p) for p in se_parameters(model).values()}  # checks the model
     if not se:
-        raise _no_se(model, "nothing would be left to train")
+        raise not_patched(model, "nothing would be left to train")
     for p in model.parameters():
         p.requires_grad_(id(p) in se)
     return _status(model)
@@ -91,7 +85,7 @@ def param_groups(model: nn.Module, lr: float, se_lr: float, weight_decay: float 
     """
     se = {id(p) for p in se_parameters(model).values()}  # checks the model
     if not se:
-        raise _no_se(model, "there is no SE group to give a learning rate")
+        raise not_patched(model, "there is no SE group to give a learning rate")
     base = [p for p in model.parameters() if p.requires_grad and id(p) not in se]
     ses = [p for p in model.parameters() if p.requires_grad and id(p) in se]
     groups = []
@@ -125,7 +119,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         True
     """
     if not is_patched(check_model(model)):
-        raise _no_se(model, "there is nothing to strip")
+        raise not_patched(model, "there is nothing to strip")
     target = model if inplace else copy_model(model, "strip()")
     # Every class is worked out first (one derived by another library may be refused),
     # so a refusal leaves even an in-place model whole.

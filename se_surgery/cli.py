@@ -350,12 +350,24 @@ def _examples(*lines: str) -> str:
 # One self-contained block: the model builder for training and the ``sweep`` command.
 
 
+def _training_config(args):
+    """The fine-tuning settings ``sweep`` and ``search`` share, checked before any data or model is loaded."""
+    from .studies import sweep
+
+    config = sweep.SweepConfig(
+        model=args.model, weights=args.weights, pretrained=args.pretrained, data=args.data, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, se_lr=args.se_lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, freeze_base=args.freeze_base)
+    config.check()
+    return config
+
+
 def _data_and_base(args):
     """The data and the base model (a fresh head for the data's classes) of ``sweep`` and ``search``."""
     from .studies.sweep import check_data
     from .studies.train import load_data, seed_everything
 
-    data = load_data(args.data, args.input_size, workers=args.workers, augment=getattr(args, "augment", "crop"))
+    data = load_data(args.data, args.input_size, workers=args.workers, augment=args.augment)
     check_data(data)
     # The fresh head (and a base without weights) must be the same in every run, worker and
     # shard: trial keys promise that a finished trial would come out the same again.
@@ -372,11 +384,7 @@ def _cmd_sweep(args) -> int:
     # Everything that can be checked without data or a model is checked first, so that a
     # typo fails at once rather than after the first trial trained.
     shard = sweep.parse_shard(args.trial)
-    config = sweep.SweepConfig(
-        model=args.model, weights=args.weights, pretrained=args.pretrained, data=args.data, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, se_lr=args.se_lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, freeze_base=args.freeze_base)
-    config.check()
+    config = _training_config(args)
     sweep.trials(args.rules or ["all_stages"], args.variant or [None], args.ratio or [None], args.module or [None],
                  args.seeds)
     if args.plot:
@@ -412,35 +420,13 @@ def _add_sweep_parser(sub) -> None:
                            "--rules all_stages --rules late_stages --variant standard --variant pre --seeds 2",
                            "se-surgery sweep tv:resnet50 --pretrained --data ~/data/flowers --ratio 8 --ratio 16 "
                            "--freeze-base --out flowers.jsonl --plot pareto.png", "", "See docs/sweep.md."))
-    p.add_argument("model", help="torchvision or timm model name; tv:NAME / timm:NAME forces the source")
-    p.add_argument("--data", required=True, help="'digits' (offline, scikit-learn) or an ImageFolder directory")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--weights", metavar="FILE", help="local base checkpoint (safetensors or torch.save)")
-    w.add_argument("--pretrained", action="store_true", help="download the default pretrained weights")
+    _add_training_options(p)
     p.add_argument("--rules", action="append", metavar="RULES",
                    help="rules file or preset; repeat for several (default all_stages)")
     p.add_argument("--variant", action="append", metavar="V", help="override every rule's variant; repeatable")
     p.add_argument("--ratio", action="append", type=float, metavar="R", help="override every rule's ratio; repeatable")
     p.add_argument("--module", action="append", metavar="M", help="override every rule's module; repeatable")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per setting (default 1)")
-    p.add_argument("--epochs", type=int, default=1, help="training epochs per trial")
-    p.add_argument("--max-steps", type=int, default=None, help="stop each trial after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the base model")
-    p.add_argument("--se-lr", type=float, default=1e-2, help="learning rate of the SE modules")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    p.add_argument("--freeze-base", action="store_true", help="train only the SE modules (the baseline then "
-                                                                "is the base model as loaded)")
-    p.add_argument("--input-size", type=int, default=None, metavar="N",
-                   help="square input size (default 32 for digits, else 224)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda where there is one")
-    p.add_argument("--workers", type=int, default=None,
-                   help="data loader workers (ImageFolder only; default: the CPUs this process may use)")
-    p.add_argument("--augment", choices=("none", "flip", "crop"), default="crop",
-                   help="training augmentation of an ImageFolder: crop = random resized crop + flip (ImageNet "
-                        "recipe), flip = resize + centre crop + flip, none = resize + centre crop, as the test "
-                        "images (digits data gets none)")
     p.add_argument("--out", default="sweep.jsonl", help="JSON lines file, appended to (default sweep.jsonl)")
     p.add_argument("--plot", metavar="FILE.png", help="accuracy against added parameters, with the Pareto front")
     p.add_argument("--latency", action="store_true",
@@ -451,14 +437,39 @@ def _add_sweep_parser(sub) -> None:
     p.set_defaults(fn=_cmd_sweep)
 
 
-# ---------------------------------------------------------------- end of sweep block
+def _add_training_options(p) -> None:
+    """The model, data and fine-tuning options of ``sweep`` and ``search``: their trials train alike."""
+    p.add_argument("model", help="torchvision or timm model name; tv:NAME / timm:NAME forces the source")
+    p.add_argument("--data", required=True, help="'digits' (offline, scikit-learn) or an ImageFolder directory")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", metavar="FILE", help="local base checkpoint (safetensors or torch.save)")
+    w.add_argument("--pretrained", action="store_true", help="download the default pretrained weights")
+    p.add_argument("--epochs", type=int, default=1, help="training epochs per trial")
+    p.add_argument("--max-steps", type=int, default=None, help="stop each trial after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the base model")
+    p.add_argument("--se-lr", type=float, default=1e-2, help="learning rate of the inserted attention modules")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    p.add_argument("--freeze-base", action="store_true", help="train only the inserted modules (the baseline "
+                                                                "then is the base model as loaded)")
+    p.add_argument("--input-size", type=int, default=None, metavar="N",
+                   help="square input size (default 32 for digits, else 224)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda where there is one")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader workers (ImageFolder only; default: the CPUs this process may use)")
+    p.add_argument("--augment", choices=("none", "flip", "crop"), default="crop",
+                   help="training augmentation of an ImageFolder: crop = random resized crop + flip (ImageNet "
+                        "recipe), flip = resize + centre crop + flip, none = resize + centre crop, as the test "
+                        "images (digits data gets none)")
+
 
 
 # ---------------------------------------------------------------- search (issue 20)
 
 
 def _cmd_search(args) -> int:
-    from .studies import search, sweep
+    from .studies import search
 
     try:
         import optuna
@@ -471,18 +482,13 @@ def _cmd_search(args) -> int:
         raise search.SearchError(f"--objective {' --objective '.join(objectives)}: give accuracy and one cost, "
                                  f"such as --objective accuracy --objective params (costs: {', '.join(search.COSTS)})")
     search._check_args(costs[0], args.trials, args.seeds, args.pruner, args.prune_after, args.timeout)
-    sweep.SweepConfig(args.model, args.data, epochs=args.epochs, max_steps=args.max_steps,
-                      batch_size=args.batch_size).check()
+    config = _training_config(args)
     if args.plot:
         _check_plot_path(args.plot)
     if args.space:
         search.read_space(args.space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # this command prints its own line per trial
     data, model = _data_and_base(args)
-    config = sweep.SweepConfig(
-        model=args.model, weights=args.weights, pretrained=args.pretrained, data=args.data, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, se_lr=args.se_lr,
-        freeze_base=args.freeze_base)
     space = search.build_space(model, data.input_size, modules=args.module, ratios=args.ratio,
                                variants=args.variant, space_file=args.space)
     search.run(model, data, config, space=space, cost=costs[0], trials=args.trials, timeout=args.timeout,
@@ -507,11 +513,7 @@ def _add_search_parser(sub) -> None:
                            "--module eca --storage postgresql://user@host/db --study flowers --trials 200",
                            "se-surgery search timm:test_resnet --data digits --trials 0 --export best.yaml",
                            "", "See docs/search.md."))
-    p.add_argument("model", help="torchvision or timm model name; tv:NAME / timm:NAME forces the source")
-    p.add_argument("--data", required=True, help="'digits' (offline, scikit-learn) or an ImageFolder directory")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--weights", metavar="FILE", help="local base checkpoint (safetensors or torch.save)")
-    w.add_argument("--pretrained", action="store_true", help="download the default pretrained weights")
+    _add_training_options(p)
     p.add_argument("--module", action="append", metavar="M", help="attention module to search; repeatable "
                                                                    "(default se)")
     p.add_argument("--ratio", action="append", type=float, metavar="R",
@@ -537,16 +539,6 @@ def _add_search_parser(sub) -> None:
     p.add_argument("--prune-after", type=int, default=4, metavar="N",
                    help="completed trials with that epoch's accuracy before the median prunes")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per trial; the accuracy is their mean")
-    p.add_argument("--epochs", type=int, default=1, help="training epochs per trial")
-    p.add_argument("--max-steps", type=int, default=None, help="stop each trial after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the base model")
-    p.add_argument("--se-lr", type=float, default=1e-2, help="learning rate of the attention modules")
-    p.add_argument("--freeze-base", action="store_true", help="train only the attention modules")
-    p.add_argument("--input-size", type=int, default=None, metavar="N",
-                   help="square input size (default 32 for digits, else 224)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda where there is one")
-    p.add_argument("--workers", type=int, default=4, help="data loader workers (ImageFolder only)")
     p.add_argument("--out", default="search.jsonl", help="this worker's JSON lines file, appended to")
     p.add_argument("--export", metavar="FILE.yaml", help="write the rules of the most accurate trial")
     p.add_argument("--plot", metavar="FILE.png", help="accuracy against the cost, the Pareto front highlighted")

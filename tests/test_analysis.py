@@ -13,7 +13,7 @@ import torchvision
 import se_surgery
 from se_surgery import ModelTypeError, PlanError
 from se_surgery import _sites as sites_module
-from se_surgery._record import RECORD, Inserted, plan_facts
+from se_surgery._record import RECORD, Inserted, facts_of
 from se_surgery.modules import ChannelAttention, create, excitation, is_identity
 from se_surgery.studies.sweep import overlay
 from se_surgery.studies.train import se_drift
@@ -83,20 +83,20 @@ def test_one_record_per_module_and_the_plan_once_on_the_root(resnet18):
     for _, m, rec in found:
         assert isinstance(rec, Inserted) and rec.rule == 0 and rec.options.module == "se"
         assert [k for k in vars(m) if k.startswith("se_")] == [RECORD]  # one attribute, nothing else
-    (facts,) = plan_facts(patched)
+    (facts,) = facts_of(patched)
     assert facts.input_size == (3, SIZE, SIZE) and facts.rules.source == "preset late_stages"
     assert len(facts.sites) == 8 and "se_surgery_plan" not in vars(patched.layer3[0].se)
     assert se_surgery.is_patched(patched) and not se_surgery.is_patched(resnet18)
     # Copies keep the record; state_dict gains only the modules' tensors.
     for other in (copy.deepcopy(patched), pickle.loads(pickle.dumps(patched))):
         assert [(n, r) for n, _, r in se_surgery.inserted_modules(other)] == [(n, r) for n, _, r in found]
-        assert plan_facts(other) == [facts]
+        assert facts_of(other) == [facts]
     added = set(patched.state_dict()) - set(resnet18.state_dict())
     assert added == {f"{n}.{k}" for n, m, _ in found for k in m.state_dict()}
     with pytest.raises(se_surgery.AlreadyPatchedError, match=r"already has 4 SE module\(s\) from se-surgery"):
         se_surgery.analyze(patched)
     back = se_surgery.strip(patched)
-    assert not se_surgery.is_patched(back) and plan_facts(back) == []
+    assert not se_surgery.is_patched(back) and facts_of(back) == []
 
 
 @pytest.mark.parametrize("name", ["se", "ese", "eca", "gc", "cbam"])

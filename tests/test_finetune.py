@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import se_surgery
 from se_surgery import AlreadyPatchedError, CheckpointError, NotPatchedError
-from se_surgery._record import plan_facts
+from se_surgery._record import facts_of
 from se_surgery.hub import build_for_training, load_weights
 from se_surgery.studies.train import Dist, digits_data, evaluate
 
@@ -163,7 +163,7 @@ def test_load_se_on_a_fresh_model_gives_identical_outputs(tuned, pretrained, tes
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     # Rediscovered at the size apply() used (spatial sizes of 32x32 input, not 224x224).
     assert [r for _, _, r in se_surgery.inserted_modules(loaded)] == [r for _, _, r in se_surgery.inserted_modules(model)]
-    assert plan_facts(loaded) == plan_facts(model) and plan_facts(loaded)[0].input_size == (3, 32, 32)
+    assert facts_of(loaded) == facts_of(model) and facts_of(loaded)[0].input_size == (3, 32, 32)
     # Saving the loaded model again writes the same file content.
     again = work / "again.safetensors"
     se_surgery.save_se(loaded, again)

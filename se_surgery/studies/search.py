@@ -45,7 +45,19 @@ from typing import Any
 from torch import nn
 
 from ..errors import PlanError, RuleError, SESurgeryError
-from .sweep import SweepConfig, Trial, _append, _costs, _fmt, _key, _mean_std, _run_trial, pareto_front, read_results
+from .sweep import (
+    SweepConfig,
+    Trial,
+    _append,
+    _costs,
+    _fmt,
+    _key,
+    _mean_std,
+    _run_trial,
+    _tty,
+    pareto_front,
+    read_results,
+)
 from .train import Data, Dist, evaluate
 
 __all__ = ["COSTS", "SearchError", "Space", "build_space", "export", "front", "front_table", "plot", "read_space",
@@ -609,12 +621,6 @@ def run(model: nn.Module, data: Data, config: SweepConfig, *, space: Space, cost
         return rows
     finally:
         d.close()
-
-
-def _tty() -> bool:
-    import sys
-
-    return sys.stderr.isatty()
 
 
 # --------------------------------------------------------------------------- results
